@@ -1,0 +1,177 @@
+"""Placement records: which agent runs which unit range of a model version.
+
+A *placement* is the part of a plan that agents act on. The coordinator turns the planner's
+stages into a placement, replicates it inside the registry (so it survives a coordinator change
+and every agent can act as a gateway), and each agent reads from it which segments to load.
+
+Unit ranges are inclusive: a segment ``first..last`` runs units ``first`` through ``last``. A
+*boundary* ``b`` is the point before unit ``b``; boundary 0 is the model input and boundary
+``unit_count`` is the model output. An activation held at boundary ``b`` can resume on any segment
+that starts at ``b``, which is what the gateway's failover relies on.
+
+Everything here is pure: records, conversions and route choice. No I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentPlacement:
+    """One segment of a model version and the agents that hold a loaded copy of it."""
+
+    index: int
+    first: int
+    last: int
+    agents: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "first": self.first, "last": self.last, "agents": list(self.agents)}
+
+    @classmethod
+    def from_dict(cls, obj: Mapping) -> "SegmentPlacement":
+        return cls(int(obj["index"]), int(obj["first"]), int(obj["last"]), tuple(obj["agents"]))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Segments of one model version in pipeline order, stamped with the plan version."""
+
+    model: str
+    version: str
+    plan_version: int
+    unit_count: int
+    segments: tuple[SegmentPlacement, ...]
+    predicted_period_s: float = 0.0
+    predicted_latency_s: float = 0.0
+    optimal: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "plan_version": self.plan_version,
+            "unit_count": self.unit_count,
+            "segments": [segment.to_dict() for segment in self.segments],
+            "predicted_period_s": self.predicted_period_s,
+            "predicted_latency_s": self.predicted_latency_s,
+            "optimal": self.optimal,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Mapping) -> "Placement":
+        return cls(
+            model=str(obj["model"]),
+            version=str(obj["version"]),
+            plan_version=int(obj["plan_version"]),
+            unit_count=int(obj["unit_count"]),
+            segments=tuple(SegmentPlacement.from_dict(s) for s in obj["segments"]),
+            predicted_period_s=float(obj.get("predicted_period_s", 0.0)),
+            predicted_latency_s=float(obj.get("predicted_latency_s", 0.0)),
+            optimal=bool(obj.get("optimal", False)),
+        )
+
+    @property
+    def cuts(self) -> frozenset[int]:
+        """Boundaries at which some segment starts."""
+        return frozenset(segment.first for segment in self.segments)
+
+    @property
+    def agents(self) -> frozenset[str]:
+        return frozenset(agent for segment in self.segments for agent in segment.agents)
+
+    def segments_for(self, agent_id: str) -> list[SegmentPlacement]:
+        return [segment for segment in self.segments if agent_id in segment.agents]
+
+    def covers(self, alive: Iterable[str]) -> bool:
+        """Tell whether every segment has at least one agent in ``alive``."""
+        alive_set = set(alive)
+        return all(any(agent in alive_set for agent in segment.agents) for segment in self.segments)
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One step of a request's route: run units ``first..last`` on ``agent``."""
+
+    first: int
+    last: int
+    agent: str
+
+    def to_list(self) -> list:
+        return [self.first, self.last, self.agent]
+
+    @classmethod
+    def from_list(cls, obj: list) -> "Hop":
+        if not isinstance(obj, (list, tuple)) or len(obj) != 3:
+            raise ValueError(f"invalid hop {obj!r}: expected [first, last, agent]")
+        return cls(int(obj[0]), int(obj[1]), str(obj[2]))
+
+
+def placement_from_stages(
+    model: str,
+    version: str,
+    plan_version: int,
+    unit_count: int,
+    stages: Iterable[tuple[int, int, Iterable[str]]],
+    *,
+    predicted_period_s: float = 0.0,
+    predicted_latency_s: float = 0.0,
+    optimal: bool = False,
+) -> Placement:
+    """Build a placement from ``(first, last, agents)`` stages and check that they tile the model."""
+    segments = tuple(
+        SegmentPlacement(index, first, last, tuple(agents))
+        for index, (first, last, agents) in enumerate(stages)
+    )
+    expected_first = 0
+    for segment in segments:
+        if segment.first != expected_first or segment.last < segment.first:
+            raise ValueError(
+                f"segment {segment.index} covers units {segment.first}..{segment.last}, "
+                f"expected it to start at unit {expected_first}: stages must tile 0..{unit_count - 1}"
+            )
+        if not segment.agents:
+            raise ValueError(f"segment {segment.index} has no agent")
+        expected_first = segment.last + 1
+    if expected_first != unit_count:
+        raise ValueError(f"stages end at unit {expected_first - 1}, the model has {unit_count} units")
+    return Placement(
+        model, version, plan_version, unit_count, segments,
+        predicted_period_s, predicted_latency_s, optimal,
+    )
+
+
+def choose_route(
+    placement: Placement,
+    start: int,
+    *,
+    outstanding: Mapping[str, int],
+    usable: Iterable[str],
+) -> list[Hop] | None:
+    """Pick a route from boundary ``start`` to the model output, or None when no route exists.
+
+    Each hop goes to the usable replica with the fewest outstanding requests; ties go to the
+    replica listed first, which is the planner's choice. The route must begin with a segment
+    that starts exactly at ``start``, because an activation held there cannot enter a segment
+    half-way.
+    """
+    usable_set = set(usable)
+    route: list[Hop] = []
+    position = start
+    by_first = {segment.first: segment for segment in placement.segments}
+    while position < placement.unit_count:
+        segment = by_first.get(position)
+        if segment is None:
+            return None
+        candidates = [agent for agent in segment.agents if agent in usable_set]
+        if not candidates:
+            return None
+        best = min(candidates, key=lambda agent: (outstanding.get(agent, 0), segment.agents.index(agent)))
+        route.append(Hop(segment.first, segment.last, best))
+        position = segment.last + 1
+    return route

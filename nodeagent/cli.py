@@ -1,0 +1,222 @@
+"""The ``shardmesh`` command line: the agent daemon, the demo, offline tools and API clients."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
+    # aiohttp's access log and zeroconf's chatter are noise at INFO for an operator.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("zeroconf").setLevel(logging.WARNING)
+
+
+def _run_loop(coro):
+    """Run ``coro`` on uvloop when it is installed, else on the default asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+# ===================================================================== agent
+
+
+def _agent_overrides(args: argparse.Namespace) -> dict:
+    overrides: dict = {}
+    if args.profile:
+        overrides["profile"] = args.profile
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    for key, value in (
+        ("network.bind_host", args.bind_host), ("network.peer_port", args.peer_port),
+        ("network.admin_host", args.admin_host), ("network.admin_port", args.admin_port),
+        ("log_level", args.log_level),
+    ):
+        if value is not None:
+            overrides[key] = value
+    if args.static_peer:
+        overrides["network.static_peers"] = list(args.static_peer)
+    if args.mdns_interface:
+        overrides["network.mdns_interfaces"] = list(args.mdns_interface)
+    if args.no_mdns:
+        overrides["network.mdns_enabled"] = False
+    if args.voter:
+        overrides["election.voters"] = list(args.voter)
+    return overrides
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from nodeagent.config import AgentConfig, ConfigError
+
+    try:
+        config = AgentConfig.load(args.config, overrides=_agent_overrides(args),
+                                  use_default_path=args.config is None)
+    except ConfigError as exc:
+        print(f"shardmesh agent: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(config.log_level)
+    from coordinator.election import validate_voters
+    try:
+        validate_voters(config.election.voters or (), static_coordinator=config.election.static_coordinator)
+    except ValueError as exc:
+        if config.election.voters:
+            print(f"shardmesh agent: {exc}", file=sys.stderr)
+            return 2
+    from nodeagent.agent import Agent
+
+    async def main() -> int:
+        agent = Agent(config)
+        return await agent.run()
+
+    try:
+        return _run_loop(main())
+    except FileNotFoundError as exc:
+        print(f"shardmesh agent: {exc}. Create credentials first with `shardmesh cluster init "
+              f"--data-dir {config.data_dir}` (first node) or `shardmesh cert issue`.", file=sys.stderr)
+        return 2
+
+
+def _add_agent_parser(sub) -> None:
+    p = sub.add_parser("agent", help="run the node agent daemon",
+                       description="Run the node agent until SIGTERM or SIGINT.")
+    p.add_argument("--config", type=Path, default=None,
+                   help="TOML config file (default /etc/shardmesh/agent.toml when it exists)")
+    p.add_argument("--profile", choices=("lan", "wan", "test"), help="timing profile")
+    p.add_argument("--data-dir", help="data directory (credentials, election state, segment store)")
+    p.add_argument("--bind-host", help="address of the peer listener")
+    p.add_argument("--peer-port", type=int, help="port of the peer listener (0 picks one)")
+    p.add_argument("--admin-host", help="address of the admin HTTP endpoint")
+    p.add_argument("--admin-port", type=int, help="port of the admin HTTP endpoint (0 picks one)")
+    p.add_argument("--static-peer", action="append", metavar="HOST:PORT", help="peer to dial without mDNS (repeatable)")
+    p.add_argument("--mdns-interface", action="append", metavar="ADDR", help="interface or IPv4 address for mDNS (repeatable)")
+    p.add_argument("--no-mdns", action="store_true", help="turn mDNS discovery off")
+    p.add_argument("--voter", action="append", metavar="NODE_ID", help="voting node id (repeatable; lists every voter)")
+    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.set_defaults(func=cmd_agent)
+
+
+# ===================================================================== credentials
+
+
+def cmd_cluster_init(args: argparse.Namespace) -> int:
+    from nodeagent.http_auth import generate_tokens
+    from protocol.tls import init_cluster
+
+    data_dir = Path(args.data_dir)
+    try:
+        creds = init_cluster(data_dir, node_id=args.node_id, cluster_id=args.cluster_id)
+    except (FileExistsError, ValueError) as exc:
+        print(f"shardmesh cluster init: {exc}", file=sys.stderr)
+        return 2
+    generate_tokens(data_dir)
+    print(f"created cluster {creds.cluster_id} with CA and node {creds.node_id} in {data_dir}")
+    print(f"admin and inference tokens: {data_dir / 'tokens.json'} (mode 0600)")
+    return 0
+
+
+def cmd_cert_issue(args: argparse.Namespace) -> int:
+    from protocol.tls import issue_node
+
+    try:
+        creds = issue_node(Path(args.ca_dir), Path(args.data_dir), args.node_id)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"shardmesh cert issue: {exc}", file=sys.stderr)
+        return 2
+    print(f"issued certificate for node {creds.node_id} of cluster {creds.cluster_id} in {args.data_dir}")
+    return 0
+
+
+def _add_credential_parsers(sub) -> None:
+    cluster = sub.add_parser("cluster", help="cluster credentials")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    init = cluster_sub.add_parser("init", help="create a cluster CA and the first node's certificate")
+    init.add_argument("--data-dir", required=True, help="data directory of the first node")
+    init.add_argument("--node-id", default=None, help="node id (default: the host name)")
+    init.add_argument("--cluster-id", default=None, help="cluster id (default: random)")
+    init.set_defaults(func=cmd_cluster_init)
+
+    cert = sub.add_parser("cert", help="node certificates")
+    cert_sub = cert.add_subparsers(dest="cert_command", required=True)
+    issue = cert_sub.add_parser(
+        "issue", help="make a node key in --data-dir and sign its certificate with the CA in --ca-dir")
+    issue.add_argument("--node-id", required=True, help="node id written into the certificate")
+    issue.add_argument("--ca-dir", required=True, help="data directory that holds tls/ca.key")
+    issue.add_argument("--data-dir", required=True, help="data directory of the new node")
+    issue.set_defaults(func=cmd_cert_issue)
+
+
+# ===================================================================== plan and demo
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from coordinator.plan_cli import main as plan_main
+
+    return plan_main(args.plan_args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nodeagent.demo import run_demo
+
+    _setup_logging("WARNING" if args.json else "INFO")
+    return run_demo(args)
+
+
+def _add_tool_parsers(sub) -> None:
+    plan = sub.add_parser("plan", help="plan a placement offline from CLUSTER.json and PROFILE.json",
+                          add_help=False)
+    plan.add_argument("plan_args", nargs=argparse.REMAINDER)
+    plan.set_defaults(func=cmd_plan)
+
+    demo = sub.add_parser("demo", help="run a local cluster on a real packaged model and check its outputs")
+    demo.add_argument("--agents", type=int, default=3, help="agent processes to start (default 3)")
+    demo.add_argument("--model", choices=("minilm", "efficientnet"), default="minilm", help="packaged model")
+    demo.add_argument("--requests", type=int, default=60, help="requests to send (default 60)")
+    demo.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
+    demo.add_argument("--chaos", action="store_true", help="SIGKILL a segment-holding agent mid-run")
+    demo.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory (logs) after the run")
+    demo.set_defaults(func=cmd_demo)
+
+
+# ===================================================================== entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardmesh",
+        description="Split a PyTorch model into segments and serve it across a cluster of machines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_agent_parser(sub)
+    _add_credential_parsers(sub)
+    _add_tool_parsers(sub)
+    from nodeagent.client import add_subcommands
+    add_subcommands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:
+        # The planner parses its own flags, including --help.
+        from coordinator.plan_cli import main as plan_main
+        return plan_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

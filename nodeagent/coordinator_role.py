@@ -1,0 +1,393 @@
+"""The coordinator role: deploys, placement and re-placement while this agent holds the lease.
+
+Design. The role is a reconciliation loop, not a sequence of remote procedure calls. The desired
+state lives in the replicated registry (``coordinator.registry``); agents converge on it by
+themselves (``nodeagent.segments`` loads what the committed placement assigns to it and reports
+what it holds in every heartbeat). The coordinator only ever *writes the registry*, through the
+election core, which commits a value once a majority of voters has persisted it. So:
+
+- a deploy exports the model into content-addressed blobs, profiles its units, plans, and commits
+  ``add_version`` + ``set_placement``; it is acknowledged (the progress resource reaches
+  "loading") only after that commit;
+- the loop promotes a version to "ready" once every segment has at least one agent that reports
+  it loaded, and commits that;
+- the loop repairs placements that name an agent that died or left: replicas cover a segment at
+  once, otherwise the segment moves to the surviving agent with the most free memory and the
+  least assigned work (a local repair: segments on healthy agents never move), and the
+  plan version rises.
+
+A new coordinator needs no hand-over: it reads the committed registry, rebuilds its view of
+agents from their heartbeats, and the same loop finishes whatever the old one left half done.
+Every write is fenced by the election term, so a deposed coordinator cannot commit anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator import registry as registry_ops
+from coordinator.placement import Placement, SegmentPlacement, placement_from_stages
+from coordinator.planner import Device, Layer, PlanError, plan as make_plan
+
+logger = logging.getLogger(__name__)
+
+RECONCILE_INTERVAL_S = 0.2
+COMMIT_TIMEOUT_S = 10.0
+EXPORT_TIMEOUT_S = 900.0
+DEFAULT_BANDWIDTH = 1e9
+DEFAULT_LATENCY_S = 1e-4
+DEFAULT_MEMORY_BYTES = 8 << 30
+
+
+@dataclass
+class Deployment:
+    """Progress of one deployment on this coordinator."""
+
+    id: str
+    model: str
+    version: str
+    state: str = "pending"
+    percent: float = 0.0
+    message: str = ""
+    started: float = 0.0
+    finished: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "model": self.model, "version": self.version, "state": self.state,
+                "percent": round(self.percent, 1), "message": self.message}
+
+
+class CoordinatorRole:
+    """Everything this agent does only while it is the elected coordinator."""
+
+    def __init__(self, host) -> None:
+        self.host = host
+        self.term: int | None = None
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self.deployments: dict[str, Deployment] = {}
+        self._deploy_tasks: set[asyncio.Task] = set()
+        self._commit_lock = asyncio.Lock()
+        self.replacements = 0
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self, term: int) -> None:
+        self.stop()
+        self.term = term
+        self._task = asyncio.get_running_loop().create_task(self._loop(term), name="coordinator-role")
+        logger.info("coordinator role started node=%s epoch=%d", self.host.node_id, term)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+            logger.info("coordinator role stopped node=%s epoch=%s", self.host.node_id, self.term)
+        for task in list(self._deploy_tasks):
+            task.cancel()
+        self.term = None
+
+    @property
+    def active(self) -> bool:
+        return self._task is not None and self.host.is_coordinator()
+
+    def registry_changed(self) -> None:
+        self._wake.set()
+
+    def member_report(self, peer: str) -> None:
+        self._wake.set()
+
+    def member_lost(self, peer: str, reason: str) -> None:
+        self._wake.set()
+
+    # ----------------------------------------------------------------- registry writes
+
+    async def commit(self, change) -> dict:
+        """Apply ``change(registry) -> registry`` and wait until a majority has persisted it."""
+        async with self._commit_lock:
+            if not self.host.is_coordinator():
+                raise NotCoordinatorError(self.host.leader_id)
+            new_value = change(self.host.registry())
+            election = self.host.election
+            index = election.propose(new_value)
+            term = election.term
+            deadline = time.monotonic() + COMMIT_TIMEOUT_S
+            while election.committed_position < (term, index):
+                if election.term != term or not self.host.is_coordinator():
+                    raise NotCoordinatorError(election.leader_id)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"registry write at epoch {term} index {index} was not persisted by a "
+                        f"majority of voters within {COMMIT_TIMEOUT_S:.0f} s; check that most voters are up"
+                    )
+                await asyncio.sleep(0.01)
+            return new_value
+
+    # ----------------------------------------------------------------- reconcile loop
+
+    async def _loop(self, term: int) -> None:
+        # Give agents one heartbeat round to report what they hold before repairing anything.
+        await asyncio.sleep(self.host.config.timing.heartbeat_interval_s * 3)
+        while True:
+            try:
+                self._wake.clear()
+                if self.host.is_coordinator():
+                    await self._reconcile()
+            except asyncio.CancelledError:
+                raise
+            except NotCoordinatorError:
+                pass
+            except Exception:
+                logger.exception("coordinator reconcile failed node=%s epoch=%d", self.host.node_id, term)
+            try:
+                await asyncio.wait_for(self._wake.wait(), RECONCILE_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
+
+    def alive_agents(self) -> set[str]:
+        membership = self.host.membership
+        alive = {self.host.node_id} if not self.host.draining else set()
+        for peer in self.host.links.members():
+            if peer not in membership.dead and peer not in membership.left and not membership.reports.get(peer, {}).get("draining"):
+                alive.add(peer)
+        return alive
+
+    def loaded_by_agent(self) -> dict[str, set[tuple]]:
+        loaded: dict[str, set[tuple]] = {self.host.node_id: {tuple(item[:4]) for item in self.host.segments.loaded_report()}}
+        for peer, report in self.host.membership.reports.items():
+            loaded[peer] = {tuple(item[:4]) for item in report.get("loaded", [])}
+        return loaded
+
+    async def _reconcile(self) -> None:
+        registry = self.host.registry()
+        alive = self.alive_agents()
+        loaded = self.loaded_by_agent()
+        for name, model in registry["models"].items():
+            for version, entry in model["versions"].items():
+                if not entry.get("placement"):
+                    continue
+                placement = Placement.from_dict(entry["placement"])
+                repaired = self._repair(placement, entry, alive, registry["plan_version"])
+                if repaired is not None:
+                    self.replacements += 1
+                    logger.warning("re-placing model=%s version=%s plan %d -> %d: %s",
+                                   name, version, placement.plan_version, repaired.plan_version,
+                                   ", ".join(f"{s.first}..{s.last}@{'/'.join(s.agents)}" for s in repaired.segments))
+                    if self.host.metrics is not None:
+                        self.host.metrics.count_failover("segment_replaced")
+                    await self.commit(lambda reg, p=repaired: registry_ops.set_placement(reg, p))
+                    return
+                if entry["state"] == "placing" and self._all_loaded(placement, loaded, alive):
+                    await self.commit(lambda reg, n=name, v=version, s=entry.get("rollout", "replace"):
+                                      self._promote(reg, n, v, s))
+                    self._deployment_ready(name, version)
+                    return
+
+    def _all_loaded(self, placement: Placement, loaded: dict[str, set[tuple]], alive: set[str]) -> bool:
+        for segment in placement.segments:
+            key = (placement.model, placement.version, segment.first, segment.last)
+            if not any(agent in alive and key in loaded.get(agent, set()) for agent in segment.agents):
+                return False
+        return True
+
+    @staticmethod
+    def _promote(registry: dict, name: str, version: str, rollout: str) -> dict:
+        registry = registry_ops.set_state(registry, name, version, "ready")
+        model = registry["models"][name]
+        others = {v: w for v, w in model["traffic"].items() if v != version and w > 0}
+        if rollout == "replace" or not others:
+            if model["traffic"] != {version: 1.0}:
+                registry = registry_ops.set_traffic(registry, name, {version: 1.0})
+        elif rollout == "canary":
+            weight = float(model["versions"][version].get("canary_weight", 0.1))
+            scale = (1.0 - weight) / sum(others.values())
+            registry = registry_ops.set_traffic(registry, name, {**{v: w * scale for v, w in others.items()}, version: weight})
+        return registry
+
+    def _repair(self, placement: Placement, entry: dict, alive: set[str], plan_version: int) -> Placement | None:
+        """Return a repaired placement when some segment names an agent that is gone."""
+        if all(agent in alive for agent in placement.agents):
+            return None
+        memory = self._free_memory(alive)
+        assigned = {agent: 0 for agent in alive}
+        for segment in placement.segments:
+            for agent in segment.agents:
+                if agent in assigned:
+                    assigned[agent] += segment.last - segment.first + 1
+        weights = entry.get("unit_weight_bytes") or []
+        segments = []
+        for segment in placement.segments:
+            agents = tuple(agent for agent in segment.agents if agent in alive)
+            if not agents:
+                need = sum(weights[segment.first:segment.last + 1]) if weights else 0
+                candidates = [a for a in alive if not self._is_witness(a) and memory.get(a, 0) >= need]
+                if not candidates:
+                    logger.error("cannot re-place segment %d..%d of %s@%s: no alive agent has %d bytes free",
+                                 segment.first, segment.last, placement.model, placement.version, need)
+                    return None
+                choice = min(candidates, key=lambda a: (assigned[a], -memory.get(a, 0), a))
+                assigned[choice] += segment.last - segment.first + 1
+                memory[choice] = memory.get(choice, 0) - need
+                agents = (choice,)
+            segments.append(SegmentPlacement(segment.index, segment.first, segment.last, agents))
+        return Placement(placement.model, placement.version, plan_version + 1, placement.unit_count,
+                         tuple(segments), placement.predicted_period_s, placement.predicted_latency_s, False)
+
+    def _is_witness(self, agent: str) -> bool:
+        if agent == self.host.node_id:
+            return bool(self.host.config.election.witness)
+        peer = self.host.links.peers.get(agent)
+        return bool(peer and peer.info.get("witness"))
+
+    def _capabilities(self, agent: str) -> dict:
+        if agent == self.host.node_id:
+            return self.host.capabilities
+        peer = self.host.links.peers.get(agent)
+        return (peer.info.get("caps") if peer else None) or {}
+
+    def _free_memory(self, agents) -> dict[str, int]:
+        return {agent: _available_memory(self._capabilities(agent)) for agent in agents}
+
+    # ----------------------------------------------------------------- deploy
+
+    def start_deploy(self, *, name: str, version: str, source: str, rollout: str, replicas: int, options: dict) -> Deployment:
+        if not self.active:
+            raise NotCoordinatorError(self.host.leader_id)
+        registry = self.host.registry()
+        if version in registry["models"].get(name, {}).get("versions", {}):
+            raise registry_ops.RegistryError(
+                f"version {version!r} of model {name!r} already exists; pick a new version name", kind="conflict")
+        deployment = Deployment(uuid.uuid4().hex[:12], name, version, started=time.monotonic())
+        self.deployments[deployment.id] = deployment
+        task = asyncio.get_running_loop().create_task(
+            self._deploy(deployment, source, rollout, replicas, options), name=f"deploy-{deployment.id}")
+        self._deploy_tasks.add(task)
+        task.add_done_callback(self._deploy_tasks.discard)
+        return deployment
+
+    def _deployment_ready(self, name: str, version: str) -> None:
+        for deployment in self.deployments.values():
+            if deployment.model == name and deployment.version == version and deployment.state != "ready":
+                deployment.state, deployment.percent = "ready", 100.0
+                deployment.finished = time.monotonic()
+                deployment.message = f"ready after {deployment.finished - deployment.started:.1f} s"
+                logger.info("deployment ready id=%s model=%s version=%s", deployment.id, name, version)
+
+    async def _deploy(self, deployment: Deployment, source: str, rollout: str, replicas: int, options: dict) -> None:
+        try:
+            deployment.state, deployment.message = "distributing", f"exporting {source}"
+            job = await self._export(source, deployment, options)
+            deployment.percent = 40.0
+            deployment.message = "planning"
+            placement, predicted = self._plan(deployment.model, deployment.version, job, replicas)
+            deployment.percent = 50.0
+
+            def change(registry: dict) -> dict:
+                registry = registry_ops.add_version(
+                    registry, deployment.model, deployment.version, manifest=job["manifest"],
+                    source=source, strategy=str(options.get("segmentation", "layer")), replicas=replicas)
+                entry = registry["models"][deployment.model]["versions"][deployment.version]
+                entry["rollout"] = rollout
+                entry["canary_weight"] = float(options.get("canary_weight", 0.1))
+                entry["unit_weight_bytes"] = [layer["weight_bytes"] for layer in job["profile"]]
+                entry["predicted"] = predicted
+                entry["tokenizer"] = job.get("tokenizer")
+                placement_next = Placement.from_dict({**placement.to_dict(), "plan_version": registry["plan_version"] + 1})
+                return registry_ops.set_placement(registry, placement_next)
+
+            await self.commit(change)
+            deployment.state, deployment.percent = "loading", 60.0
+            deployment.message = "placement committed; agents are fetching and loading segments"
+            logger.info("deployment committed id=%s model=%s version=%s segments=%s", deployment.id,
+                        deployment.model, deployment.version,
+                        [(s.first, s.last, s.agents) for s in placement.segments])
+        except asyncio.CancelledError:
+            deployment.state, deployment.message = "failed", "coordinator stepped down during the deploy; deploy again"
+            raise
+        except Exception as exc:
+            deployment.state, deployment.message = "failed", f"{type(exc).__name__}: {exc}"
+            deployment.finished = time.monotonic()
+            logger.error("deployment failed id=%s model=%s version=%s: %s", deployment.id,
+                         deployment.model, deployment.version, exc)
+
+    async def _export(self, source: str, deployment: Deployment, options: dict) -> dict:
+        """Export ``source`` in a child process (torch.export holds the GIL for seconds)."""
+        with tempfile.TemporaryDirectory(prefix="shardmesh-export-") as out_dir:
+            cmd = [sys.executable, "-m", "coordinator.export_job", "--source", source,
+                   "--name", deployment.model, "--version", deployment.version, "--out", out_dir,
+                   "--cache", str(self.host.data_dir / "profile-cache"),
+                   "--segmentation", str(options.get("segmentation", "layer"))]
+            if options.get("block_size"):
+                cmd += ["--block-size", str(int(options["block_size"]))]
+            process = await asyncio.create_subprocess_exec(
+                *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            try:
+                stdout, stderr = await asyncio.wait_for(process.communicate(), EXPORT_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                process.kill()
+                raise TimeoutError(f"exporting {source} took longer than {EXPORT_TIMEOUT_S:.0f} s")
+            if process.returncode != 0:
+                tail = stderr.decode(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(f"export of {source!r} failed (exit {process.returncode}): {' | '.join(tail)}")
+            job = json.loads(stdout.decode().strip().splitlines()[-1])
+            await asyncio.to_thread(self._import_blobs, Path(out_dir, "blobs"))
+            return job
+
+    def _import_blobs(self, blob_dir: Path) -> None:
+        """Copy exported blobs into the store (hashing and fsync: run in a thread)."""
+        for blob in blob_dir.iterdir():
+            if not self.host.store.has(blob.name):
+                self.host.store.put(blob.read_bytes(), expected_sha256=blob.name)
+
+    def _plan(self, name: str, version: str, job: dict, replicas: int) -> tuple[Placement, dict]:
+        alive = sorted(a for a in self.alive_agents() if not self._is_witness(a))
+        layers = [Layer(l["name"], float(l["seconds"]), int(l["weight_bytes"]), int(l["output_bytes"])) for l in job["profile"]]
+        own_score = float(self.host.capabilities.get("total_gflops") or 1.0)
+        devices = []
+        for agent in alive:
+            caps = self._capabilities(agent)
+            score = float(caps.get("total_gflops") or own_score)
+            devices.append(Device(
+                id=agent,
+                speed=score / own_score,
+                memory_bytes=_available_memory(caps),
+                bandwidth_bytes_per_s=float(self.host.membership.bandwidth.get(agent, DEFAULT_BANDWIDTH)),
+                latency_s=max(self.host.membership.rtt_s.get(agent, DEFAULT_LATENCY_S) / 2, DEFAULT_LATENCY_S),
+            ))
+        if not devices:
+            raise PlanError("no alive agent can run segments (only witnesses are up)")
+        result = make_plan(devices, layers, replicas=replicas > 1)
+        stages = [(stage.first_layer, stage.last_layer, stage.devices) for stage in result.stages]
+        placement = placement_from_stages(
+            name, version, 0, len(layers), stages,
+            predicted_period_s=result.period_s, predicted_latency_s=result.latency_s, optimal=result.optimal)
+        predicted = {"period_s": result.period_s, "latency_s": result.latency_s,
+                     "throughput_rps_per_item": 1.0 / result.period_s if result.period_s > 0 else None,
+                     "optimal": result.optimal, "lower_bound_s": result.lower_bound_s,
+                     "profile_batch": job.get("profile_batch")}
+        return placement, predicted
+
+    def deployment(self, deployment_id: str) -> Deployment | None:
+        return self.deployments.get(deployment_id)
+
+
+def _available_memory(capabilities: dict) -> int:
+    """Memory the planner may fill on an agent: what its probe found available, else 8 GiB."""
+    memory = capabilities.get("memory") or {}
+    return int(memory.get("available_bytes") or DEFAULT_MEMORY_BYTES)
+
+
+class NotCoordinatorError(RuntimeError):
+    """A coordinator action was attempted on an agent that does not hold the lease."""
+
+    def __init__(self, leader_id: str | None) -> None:
+        super().__init__(f"this agent is not the coordinator (coordinator: {leader_id or 'none elected'})")
+        self.leader_id = leader_id

@@ -1,0 +1,216 @@
+"""Membership: heartbeats to every member, the failure detector, indirect probes, link measurements.
+
+Heartbeats travel on the control plane every ``timing.heartbeat_interval_s``. Each carries the
+sender's incarnation (so news about an older incarnation is ignored), its loaded segments and
+queue depth (so a new coordinator rebuilds its view from what agents report), whether a segment
+worker is wedged (progress on the data path counts as liveness), and an echo of the last
+timestamp it received from the destination, which gives the round-trip time without extra
+frames.
+
+The pure failure detector (``coordinator.detector``) decides when a silent member is suspected,
+asks for an indirect probe through another member, and declares it dead only when that member
+cannot reach it either, so one bad link cannot kill a healthy node. A member that sends LEAVE is
+removed at once. The detector's timeouts widen while this agent's own event loop lags.
+
+Link bandwidth to each member is measured once per connection with a bounded probe
+(``BANDWIDTH_PROBE_BYTES``) on the data plane; the planner uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from coordinator.detector import (
+    DeclareAlive,
+    DeclareDead,
+    DetectorConfig,
+    FailureDetector,
+    RequestProbe,
+    Suspect,
+)
+from protocol.messages import MsgType
+
+logger = logging.getLogger(__name__)
+
+BANDWIDTH_PROBE_BYTES = 2 * 1024 * 1024
+WEDGED_AFTER_S = 10.0
+
+
+class Membership:
+    """Heartbeat sender, detector driver and per-peer link facts for one agent."""
+
+    def __init__(self, host) -> None:
+        self.host = host
+        timing = host.config.timing
+        self.timing = timing
+        self.detector = FailureDetector(
+            host.node_id,
+            DetectorConfig(
+                heartbeat_interval_s=timing.heartbeat_interval_s,
+                suspect_after_s=timing.suspect_after_s,
+                dead_after_s=timing.dead_after_s,
+                indirect_probe_timeout_s=timing.indirect_probe_timeout_s,
+            ),
+        )
+        self.reports: dict[str, dict] = {}
+        self.rtt_s: dict[str, float] = {}
+        self.bandwidth: dict[str, float] = {}
+        self.left: set[str] = set()
+        self.dead: set[str] = set()
+        self._last_seen_ts: dict[str, float] = {}
+        self._probe_started: dict[str, float] = {}
+        self._probe_waiters: dict[str, tuple[str, str]] = {}
+
+    # ----------------------------------------------------------------- queries
+
+    def is_usable(self, peer: str) -> bool:
+        if peer in self.left or peer in self.dead:
+            return False
+        report = self.reports.get(peer, {})
+        return not report.get("wedged") and not report.get("draining")
+
+    def alive_members(self) -> list[str]:
+        return [peer for peer in self.host.links.members() if peer not in self.dead and peer not in self.left]
+
+    # ----------------------------------------------------------------- loop
+
+    async def run(self) -> None:
+        interval = self.timing.heartbeat_interval_s
+        while True:
+            now = time.monotonic()
+            self._send_heartbeats(now)
+            self.detector.note_loop_lag(self.host.looplag.lag_s)
+            for action in self.detector.tick(now):
+                self._apply(action, now)
+            await asyncio.sleep(interval)
+
+    def _send_heartbeats(self, now: float) -> None:
+        segments = self.host.segments
+        body_common = {
+            "inc": self.host.incarnation,
+            "ts": now,
+            "loaded": segments.loaded_report(),
+            "queue": segments.queue_depth(),
+            "wedged": segments.is_wedged(WEDGED_AFTER_S),
+            "draining": self.host.draining,
+            "term": self.host.epoch,
+        }
+        for peer in self.host.links.members():
+            body = dict(body_common, echo=self._last_seen_ts.get(peer))
+            self.host.links.send_nowait(peer, MsgType.HEARTBEAT, body, plane="control")
+
+    def _apply(self, action, now: float) -> None:
+        if isinstance(action, RequestProbe):
+            self.host.links.send_nowait(action.via, MsgType.INDIRECT_PROBE,
+                                        {"target": action.target, "inc": action.incarnation}, plane="control")
+            logger.info("asking peer=%s to probe suspect=%s node=%s", action.via, action.target, self.host.node_id)
+        elif isinstance(action, Suspect):
+            logger.warning("member suspected node=%s peer=%s silent=%.2fs", self.host.node_id, action.peer, action.silent_s)
+        elif isinstance(action, DeclareDead):
+            if action.peer not in self.dead:
+                self.dead.add(action.peer)
+                logger.warning("member declared dead node=%s peer=%s silent=%.2fs confirmed_by=%s",
+                               self.host.node_id, action.peer, action.silent_s, ",".join(action.confirmed_by) or "-")
+                self._lost(action.peer, "declared dead by the failure detector")
+        elif isinstance(action, DeclareAlive):
+            if action.peer in self.dead:
+                logger.info("member alive again node=%s peer=%s reason=%s", self.host.node_id, action.peer, action.reason)
+            self.dead.discard(action.peer)
+
+    def _lost(self, peer: str, reason: str) -> None:
+        self.host.dataplane.agent_lost(peer, reason)
+        self.host.role.member_lost(peer, reason)
+
+    # ----------------------------------------------------------------- frames
+
+    def on_heartbeat(self, peer: str, header: dict) -> None:
+        now = time.monotonic()
+        incarnation = int(header.get("inc", 0))
+        for action in self.detector.heartbeat(now, peer, incarnation):
+            self._apply(action, now)
+        if incarnation < self.detector.incarnation_of(peer):
+            return
+        self._last_seen_ts[peer] = header.get("ts")
+        echo = header.get("echo")
+        if isinstance(echo, (int, float)):
+            self.rtt_s[peer] = max(0.0, now - float(echo))
+        was_dead = peer in self.dead
+        self.dead.discard(peer)
+        self.left.discard(peer)
+        previous = self.reports.get(peer)
+        self.reports[peer] = dict(header, received=now)
+        if was_dead or previous is None or previous.get("loaded") != header.get("loaded"):
+            self.host.role.member_report(peer)
+
+    def on_leave(self, peer: str, header: dict) -> None:
+        logger.info("member leaving node=%s peer=%s", self.host.node_id, peer)
+        self.left.add(peer)
+        self.detector.left(time.monotonic(), peer, int(header.get("inc", 0)))
+        self._lost(peer, "left the cluster")
+
+    def on_probe_frame(self, peer: str, msg_type: MsgType, header: dict) -> None:
+        if msg_type == MsgType.INDIRECT_PROBE:
+            target = str(header.get("target"))
+            heard = self.reports.get(target, {}).get("received", float("-inf"))
+            reachable = (target in self.host.links.members()
+                         and time.monotonic() - heard < self.timing.suspect_after_s)
+            self.host.links.send_nowait(peer, MsgType.INDIRECT_PROBE_ACK,
+                                        {"target": target, "reachable": bool(reachable)}, plane="control")
+        elif msg_type == MsgType.INDIRECT_PROBE_ACK:
+            target = str(header.get("target"))
+            now = time.monotonic()
+            for action in self.detector.indirect_result(now, target, peer, bool(header.get("reachable"))):
+                self._apply(action, now)
+
+    def on_bandwidth_frame(self, peer: str, msg_type: MsgType, header: dict, payload) -> None:
+        if msg_type == MsgType.BANDWIDTH_PROBE:
+            self.host.links.send_nowait(peer, MsgType.BANDWIDTH_ECHO,
+                                        {"id": header.get("id"), "bytes": len(payload)}, plane="data")
+        elif msg_type == MsgType.BANDWIDTH_ECHO:
+            started = self._probe_started.pop(str(header.get("id")), None)
+            if started is not None:
+                elapsed = max(time.monotonic() - started, 1e-6)
+                self.bandwidth[peer] = int(header.get("bytes", 0)) / elapsed
+                logger.info("measured link node=%s peer=%s bandwidth=%.0f MB/s rtt=%.2f ms",
+                            self.host.node_id, peer, self.bandwidth[peer] / 1e6, self.rtt_s.get(peer, 0) * 1e3)
+
+    def link_changed(self, peer: str, is_member: bool) -> None:
+        if is_member:
+            self.detector.track(time.monotonic(), peer, self.host.links.peers[peer].incarnation)
+            self.left.discard(peer)
+            probe_id = f"{peer}-{time.monotonic_ns()}"
+            self._probe_started[probe_id] = time.monotonic()
+            self.host.links.send_nowait(peer, MsgType.BANDWIDTH_PROBE, {"id": probe_id},
+                                        (bytes(BANDWIDTH_PROBE_BYTES),), plane="data")
+            self.host.role.member_report(peer)
+        elif not self.host.links.connected(peer, "control") and peer not in self.left:
+            # The control link dropped (a killed process closes its sockets at once): treat the
+            # peer's in-flight work as lost now; the detector still decides if it is dead.
+            self.host.dataplane.agent_lost(peer, "link dropped")
+
+    async def announce_leave(self) -> None:
+        sends = [
+            self.host.links.send_nowait(peer, MsgType.LEAVE, {"inc": self.host.incarnation}, plane="control")
+            for peer in self.host.links.members()
+        ]
+        sends = [task for task in sends if task is not None]
+        if sends:
+            await asyncio.wait(sends, timeout=1.0)
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        return {
+            peer: {
+                "alive": peer not in self.dead and peer not in self.left,
+                "left": peer in self.left,
+                "rtt_ms": round(self.rtt_s.get(peer, 0.0) * 1000, 3),
+                "bandwidth_bytes_per_s": self.bandwidth.get(peer),
+                "last_heartbeat_age_s": round(now - report["received"], 3) if (report := self.reports.get(peer)) else None,
+                "loaded": (self.reports.get(peer) or {}).get("loaded", []),
+                "queue": (self.reports.get(peer) or {}).get("queue", 0),
+                "wedged": bool((self.reports.get(peer) or {}).get("wedged")),
+            }
+            for peer in set(self.host.links.peers) | self.dead
+        }

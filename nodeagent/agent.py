@@ -32,6 +32,7 @@ import random
 import signal
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from coordinator import registry as registry_ops
@@ -76,7 +77,7 @@ class Agent:
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.creds = load_credentials(config.effective_tls_dir.parent if config.tls_dir is None else config.effective_tls_dir)
+        self.creds = load_credentials(self.data_dir, tls_dir=config.tls_dir)
         self.node_id: str = self.creds.node_id
         self.cluster_id: str = self.creds.cluster_id
         self.instance = uuid.uuid4().hex[:12]
@@ -144,6 +145,25 @@ class Agent:
 
     def placement_for(self, model: str, version: str) -> Placement | None:
         return registry_ops.find_placement(self.election.committed_value, model, version)
+
+    def ready_placement(self, placement: Placement) -> Placement:
+        """Return ``placement`` with each segment's agents cut to those that report it loaded.
+
+        An agent that a new placement names may still be fetching its blobs; routing to it
+        would only earn a refusal.
+        """
+        segments = []
+        for segment in placement.segments:
+            key = (placement.model, placement.version, segment.first, segment.last)
+            agents = tuple(agent for agent in segment.agents if self._reports_loaded(agent, key))
+            segments.append(replace(segment, agents=agents))
+        return replace(placement, segments=tuple(segments))
+
+    def _reports_loaded(self, agent: str, key: tuple[str, str, int, int]) -> bool:
+        if agent == self.node_id:
+            return self.segments.get(*key) is not None
+        loaded = self.membership.reports.get(agent, {}).get("loaded", [])
+        return any(tuple(item[:4]) == key for item in loaded)
 
     def usable_agents(self) -> set[str]:
         """Agents that can take work now: this one plus connected members not declared dead."""
@@ -320,6 +340,11 @@ class Agent:
         await self._start_discovery()
         self.notifier = SystemdNotifier()
         self.notifier.ready(f"node {self.node_id} serving")
+        if self.notifier.watchdog_interval_s:
+            from nodeagent.sdnotify import WatchdogPinger
+
+            # Pings stop when the event loop stalls, so systemd restarts a hung agent.
+            self._spawn(WatchdogPinger(self.notifier).run(), "watchdog")
         self._write_ready_file()
         logger.info("agent ready node=%s peer_port=%d admin=http://%s:%d",
                     self.node_id, self.peer_port, net.admin_host, self.admin_port)

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from protocol.errors import CredentialsError
+
 logger = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -82,9 +84,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     try:
         return _run_loop(main())
-    except FileNotFoundError as exc:
-        print(f"shardmesh agent: {exc}. Create credentials first with `shardmesh cluster init "
-              f"--data-dir {config.data_dir}` (first node) or `shardmesh cert issue`.", file=sys.stderr)
+    except (FileNotFoundError, CredentialsError) as exc:
+        print(f"shardmesh agent: cannot load the node credentials: {exc}", file=sys.stderr)
         return 2
 
 
@@ -117,7 +118,7 @@ def cmd_cluster_init(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     try:
         creds = init_cluster(data_dir, node_id=args.node_id, cluster_id=args.cluster_id)
-    except (FileExistsError, ValueError) as exc:
+    except (FileExistsError, ValueError, CredentialsError) as exc:
         print(f"shardmesh cluster init: {exc}", file=sys.stderr)
         return 2
     generate_tokens(data_dir)
@@ -138,6 +139,34 @@ def cmd_cert_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cert_request(args: argparse.Namespace) -> int:
+    from protocol.tls import make_csr
+
+    csr = make_csr(Path(args.data_dir), args.node_id)
+    Path(args.out).write_bytes(csr)
+    print(f"made the key of node {args.node_id} in {args.data_dir}/tls/node.key and wrote its "
+          f"signing request to {args.out}; sign it on the CA holder with `shardmesh cert sign`")
+    return 0
+
+
+def cmd_cert_sign(args: argparse.Namespace) -> int:
+    from protocol.tls import sign_csr
+
+    certificate = sign_csr(Path(args.ca_dir), Path(args.csr).read_bytes(), node_id=args.node_id)
+    Path(args.out).write_bytes(certificate)
+    print(f"signed the certificate of node {args.node_id} into {args.out}; install it on the node "
+          f"with `shardmesh cert install` together with {args.ca_dir}/tls/ca.pem")
+    return 0
+
+
+def cmd_cert_install(args: argparse.Namespace) -> int:
+    from protocol.tls import install_certificate
+
+    creds = install_certificate(Path(args.data_dir), Path(args.certificate).read_bytes(), Path(args.ca).read_bytes())
+    print(f"installed the certificate of node {creds.node_id} in cluster {creds.cluster_id} into {args.data_dir}/tls")
+    return 0
+
+
 def _add_credential_parsers(sub) -> None:
     cluster = sub.add_parser("cluster", help="cluster credentials")
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
@@ -155,6 +184,25 @@ def _add_credential_parsers(sub) -> None:
     issue.add_argument("--ca-dir", required=True, help="data directory that holds tls/ca.key")
     issue.add_argument("--data-dir", required=True, help="data directory of the new node")
     issue.set_defaults(func=cmd_cert_issue)
+
+    request = cert_sub.add_parser("request", help="make this node's key and a certificate signing request")
+    request.add_argument("--node-id", required=True, help="node id to request")
+    request.add_argument("--data-dir", required=True, help="data directory of this node (the key goes to tls/node.key)")
+    request.add_argument("--out", required=True, help="file to write the PEM signing request to")
+    request.set_defaults(func=cmd_cert_request)
+
+    sign = cert_sub.add_parser("sign", help="sign a node's certificate signing request with the cluster CA")
+    sign.add_argument("--node-id", required=True, help="node id the request must name")
+    sign.add_argument("--ca-dir", required=True, help="data directory that holds tls/ca.key")
+    sign.add_argument("csr", help="PEM signing request made by `shardmesh cert request`")
+    sign.add_argument("--out", required=True, help="file to write the PEM certificate to")
+    sign.set_defaults(func=cmd_cert_sign)
+
+    install = cert_sub.add_parser("install", help="install a signed certificate and the CA certificate")
+    install.add_argument("--data-dir", required=True, help="data directory of this node")
+    install.add_argument("certificate", help="PEM certificate made by `shardmesh cert sign`")
+    install.add_argument("ca", help="the cluster's ca.pem")
+    install.set_defaults(func=cmd_cert_install)
 
 
 # ===================================================================== plan and demo
@@ -215,7 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except CredentialsError as exc:
+        print(f"shardmesh {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"shardmesh {args.command}: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

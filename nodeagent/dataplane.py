@@ -72,7 +72,7 @@ class GatewayRequest:
 class DataPlane:
     """Gateway and hop logic of one agent. ``host`` is the agent (see ``nodeagent.agent.Agent``)."""
 
-    def __init__(self, host, *, hop_timeout_s: float, exclusion_s: float = 5.0) -> None:
+    def __init__(self, host, *, hop_timeout_s: float, exclusion_s: float = 1.0) -> None:
         self.host = host
         self.node_id: str = host.node_id
         self.hop_timeout_s = hop_timeout_s
@@ -151,15 +151,18 @@ class DataPlane:
             request.stalled_reason = f"model {request.model} version {request.version} has no placement"
             return
         usable = self._usable(state)
+        placement = self.host.ready_placement(placement)
         point = self.tracker.resume_point(request_id, usable=usable, cuts=placement.cuts) if point.boundary else point
         route = choose_route(placement, point.boundary, outstanding=self._outstanding, usable=usable)
         if route is None:
-            request.stalled_reason = (
+            reason = (
                 f"no usable agent holds the segment starting at unit {point.boundary} "
                 f"(usable agents: {', '.join(sorted(usable)) or 'none'})"
             )
-            logger.info("request waits for a route rid=%s model=%s boundary=%d: %s",
-                        request_id, request.model, point.boundary, request.stalled_reason)
+            if reason != request.stalled_reason:
+                logger.info("request waits for a route rid=%s model=%s boundary=%d: %s",
+                            request_id, request.model, point.boundary, reason)
+            request.stalled_reason = reason
             return
         for hop in state.route:
             self._outstanding[hop.agent] = max(0, self._outstanding.get(hop.agent, 0) - 1)

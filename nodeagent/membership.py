@@ -59,7 +59,7 @@ class Membership:
         self.bandwidth: dict[str, float] = {}
         self.left: set[str] = set()
         self.dead: set[str] = set()
-        self._last_seen_ts: dict[str, float] = {}
+        self._last_seen_ts: dict[str, tuple[float, float]] = {}
         self._probe_started: dict[str, float] = {}
         self._probe_waiters: dict[str, tuple[str, str]] = {}
 
@@ -98,7 +98,12 @@ class Membership:
             "term": self.host.epoch,
         }
         for peer in self.host.links.members():
-            body = dict(body_common, echo=self._last_seen_ts.get(peer))
+            body = dict(body_common)
+            seen = self._last_seen_ts.get(peer)
+            if seen is not None:
+                # Echo the peer's own timestamp and how long we held it, so the peer computes
+                # the round trip on its own clock without the wait for our next heartbeat.
+                body["echo"], body["echo_held_s"] = seen[0], now - seen[1]
             self.host.links.send_nowait(peer, MsgType.HEARTBEAT, body, plane="control")
 
     def _apply(self, action, now: float) -> None:
@@ -132,10 +137,17 @@ class Membership:
             self._apply(action, now)
         if incarnation < self.detector.incarnation_of(peer):
             return
-        self._last_seen_ts[peer] = header.get("ts")
-        echo = header.get("echo")
-        if isinstance(echo, (int, float)):
-            self.rtt_s[peer] = max(0.0, now - float(echo))
+        if isinstance(header.get("ts"), (int, float)):
+            self._last_seen_ts[peer] = (float(header["ts"]), now)
+        echo, held = header.get("echo"), header.get("echo_held_s")
+        if isinstance(echo, (int, float)) and isinstance(held, (int, float)):
+            sample = max(0.0, now - float(echo) - float(held))
+            previous = self.rtt_s.get(peer)
+            # Smoothed like TCP's SRTT (RFC 6298, alpha = 1/8) so one slow heartbeat does not
+            # move the planner's link cost.
+            self.rtt_s[peer] = sample if previous is None else 0.875 * previous + 0.125 * sample
+            if self.host.metrics is not None:
+                self.host.metrics.observe_heartbeat_rtt(peer, sample)
         was_dead = peer in self.dead
         self.dead.discard(peer)
         self.left.discard(peer)
@@ -143,6 +155,7 @@ class Membership:
         self.reports[peer] = dict(header, received=now)
         if was_dead or previous is None or previous.get("loaded") != header.get("loaded"):
             self.host.role.member_report(peer)
+            self.host.dataplane.placement_changed()
 
     def on_leave(self, peer: str, header: dict) -> None:
         logger.info("member leaving node=%s peer=%s", self.host.node_id, peer)

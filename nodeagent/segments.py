@@ -158,6 +158,7 @@ class SegmentHost:
             logger.info("segment loaded node=%s model=%s version=%s units=%d..%d plan=%d in %.2f s",
                         self.host.node_id, model, version, first, last, plan_version, time.monotonic() - started)
             self.host.role.member_report(self.host.node_id)
+            self.host.dataplane.placement_changed()
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -401,9 +401,13 @@ def revoke(data_dir: Path | str, serial: int) -> frozenset[int]:
     return frozenset(serials)
 
 
-def load_credentials(data_dir: Path | str) -> NodeCredentials:
-    """Load and check this node's TLS material. Raises CredentialsError naming the bad file."""
-    directory = _tls_dir(data_dir)
+def load_credentials(data_dir: Path | str, *, tls_dir: Path | str | None = None) -> NodeCredentials:
+    """Load and check this node's TLS material. Raises CredentialsError naming the bad file.
+
+    The files are read from `<data_dir>/tls`, or from `tls_dir` when given (systemd's
+    LoadCredential= puts them flat in the credentials directory).
+    """
+    directory = Path(tls_dir) if tls_dir is not None else _tls_dir(data_dir)
     ca_path, cert_path, key_path = directory / "ca.pem", directory / "node.pem", directory / "node.key"
     for path in (ca_path, cert_path):
         if not path.exists():

@@ -40,6 +40,7 @@ from coordinator.election import ElectionCore, ElectionTiming
 from coordinator.election_storage import FileElectionStorage
 from coordinator.fencing import EpochFence, FencingError, FileFenceStorage
 from coordinator.placement import Placement
+from nodeagent.actors import Actor, Supervisor
 from nodeagent.atomicfile import atomic_write_json
 from nodeagent.blobs import BlobTransfer
 from nodeagent.config import AgentConfig
@@ -70,6 +71,17 @@ def _bump_incarnation(data_dir: Path) -> int:
     return current
 
 
+class _LoopActor(Actor[object]):
+    """One of the agent's loops as an actor, so the supervisor owns it and restarts it after a crash."""
+
+    def __init__(self, name: str, loop_factory) -> None:
+        super().__init__(name, mailbox_size=1)
+        self._loop_factory = loop_factory
+
+    async def run(self) -> None:
+        await self._loop_factory()
+
+
 class Agent:
     """A running node agent. ``await Agent(config).run()`` serves until a stop is requested."""
 
@@ -87,7 +99,7 @@ class Agent:
         self.draining = False
         self._stop = asyncio.Event()
         self._signals = 0
-        self._tasks: list[asyncio.Task] = []
+        self.exit_code = 0
 
         voters = tuple(config.election.voters) or (self.node_id,)
         timing = config.timing
@@ -123,6 +135,7 @@ class Agent:
         self.peer_port = 0
         self.metrics = None
         self._registry_index = -1
+        self.alerts_engine = None
 
     # ================================================================= views used by components
 
@@ -224,7 +237,7 @@ class Agent:
 
     def _on_membership(self, peer: str, is_member: bool) -> None:
         # Members that are not voters still receive the registry, as learners.
-        self.election.set_learners(set(self.links.members()) - set(self.voters))
+        self.election.set_learners(set(self.links.members()) - set(self.election.voters))
         self.membership.link_changed(peer, is_member)
 
     def _on_command(self, peer: str, header: dict) -> None:
@@ -300,6 +313,7 @@ class Agent:
             except (NotImplementedError, RuntimeError):
                 pass
         try:
+            self.supervisor = Supervisor(f"agent {self.node_id}", on_escalate=self._escalate)
             await self.start()
             await self._stop.wait()
             await self.shutdown()
@@ -309,7 +323,7 @@ class Agent:
                     loop.remove_signal_handler(sig)
                 except (NotImplementedError, RuntimeError):
                     pass
-        return 0
+        return self.exit_code
 
     def _record_signal(self, sig: int) -> None:
         self._signals += 1
@@ -332,36 +346,50 @@ class Agent:
         self.capabilities = await asyncio.to_thread(probe.probe_capabilities_dict, self.data_dir)
         self.peer_port = await self.links.start(net.bind_host, net.peer_port)
         await self._start_http()
-        self._spawn(self.looplag.run(), "looplag")
-        self._spawn(self._election_loop(), "election")
-        self._spawn(self.membership.run(), "membership")
-        self._spawn(self.dataplane.watchdog(), "dataplane-watchdog")
-        self._spawn(self.segments.run(), "segments")
+        self._start_alerts()
+        self.supervisor.start(self.looplag)
+        self._spawn(self._election_loop, "election")
+        self._spawn(self.membership.run, "membership")
+        self._spawn(self.dataplane.watchdog, "dataplane-watchdog")
+        self._spawn(self.segments.run, "segments")
         await self._start_discovery()
         self.notifier = SystemdNotifier()
         self.notifier.ready(f"node {self.node_id} serving")
         if self.notifier.watchdog_interval_s:
             from nodeagent.sdnotify import WatchdogPinger
 
-            # Pings stop when the event loop stalls, so systemd restarts a hung agent.
-            self._spawn(WatchdogPinger(self.notifier).run(), "watchdog")
+            # Pings stop when the event loop stalls or a component escalated, so systemd
+            # restarts a hung or failing agent.
+            self.supervisor.start(WatchdogPinger(self.notifier, is_healthy=lambda: self.supervisor.escalation is None))
         self._write_ready_file()
         logger.info("agent ready node=%s peer_port=%d admin=http://%s:%d",
                     self.node_id, self.peer_port, net.admin_host, self.admin_port)
 
-    def _spawn(self, coro, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._supervised(coro, name), name=name)
-        self._tasks.append(task)
+    def _spawn(self, loop_factory, name: str) -> None:
+        """Run a component loop under the supervisor, which restarts it with backoff after a crash."""
+        self.supervisor.start(_LoopActor(name, loop_factory))
 
-    async def _supervised(self, coro, name: str) -> None:
-        """Run a component loop; log a crash and stop the agent so systemd restarts it cleanly."""
-        try:
-            await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("component %s crashed node=%s; stopping the agent", name, self.node_id)
-            self._stop.set()
+    def _escalate(self, escalation) -> None:
+        """A component kept crashing: stop the agent with a failure status so systemd restarts it."""
+        logger.error("component failed repeatedly node=%s: %s; stopping the agent", self.node_id, escalation)
+        self.exit_code = 1
+        self._stop.set()
+
+    def _start_alerts(self) -> None:
+        """Load the alarm rules file, if configured, and evaluate it against this agent's metrics."""
+        import tomllib
+
+        from nodeagent.alerts import AlertMonitor, rules_from_config
+
+        path = self.config.admin.alert_rules_file
+        if path is None:
+            return
+        with open(path, "rb") as handle:
+            rules = rules_from_config(tomllib.load(handle).get("rules", []))
+        self.alerts_engine = AlertMonitor(rules, self.metrics.sample_value, node_id=self.node_id,
+                                          interval_s=max(1.0, self.config.timing.heartbeat_interval_s * 2))
+        self._spawn(self.alerts_engine.run, "alerts")
+        logger.info("alarm rules loaded node=%s file=%s rules=%d", self.node_id, path, len(rules))
 
     async def _start_http(self) -> None:
         from aiohttp import web
@@ -423,9 +451,7 @@ class Agent:
             await self.discovery.stop()
         if self.http_runner is not None:
             await self.http_runner.cleanup()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.supervisor.stop()
         await self.segments.close()
         await self.links.close()
         logger.info("agent stopped node=%s", self.node_id)

@@ -167,6 +167,10 @@ class CoordinatorRole:
         return loaded
 
     async def _reconcile(self) -> None:
+        if self.host.draining:
+            # A coordinator that is shutting down leaves re-placement to its successor: during a
+            # full-cluster stop it would otherwise move segments onto agents that are leaving too.
+            return
         registry = self.host.registry()
         alive = self.alive_agents()
         loaded = self.loaded_by_agent()
@@ -287,7 +291,7 @@ class CoordinatorRole:
             job = await self._export(source, deployment, options)
             deployment.percent = 40.0
             deployment.message = "planning"
-            placement, predicted = self._plan(deployment.model, deployment.version, job, replicas)
+            placement, predicted = self._plan(deployment.model, deployment.version, job, replicas, options)
             deployment.percent = 50.0
 
             def change(registry: dict) -> dict:
@@ -347,7 +351,13 @@ class CoordinatorRole:
             if not self.host.store.has(blob.name):
                 self.host.store.put(blob.read_bytes(), expected_sha256=blob.name)
 
-    def _plan(self, name: str, version: str, job: dict, replicas: int) -> tuple[Placement, dict]:
+    def _plan(self, name: str, version: str, job: dict, replicas: int, options: dict | None = None) -> tuple[Placement, dict]:
+        """Plan a placement over the alive agents.
+
+        ``options["max_stages"]`` (an integer from 1 to the number of agents) limits the pipeline
+        to the first that many agents in id order. With ``replicas > 1`` the other agents then
+        replicate the slowest stages. Benchmarks and tests use it to get a known shape.
+        """
         alive = sorted(a for a in self.alive_agents() if not self._is_witness(a))
         layers = [Layer(l["name"], float(l["seconds"]), int(l["weight_bytes"]), int(l["output_bytes"])) for l in job["profile"]]
         own_score = float(self.host.capabilities.get("total_gflops") or 1.0)
@@ -364,8 +374,19 @@ class CoordinatorRole:
             ))
         if not devices:
             raise PlanError("no alive agent can run segments (only witnesses are up)")
-        result = make_plan(devices, layers, replicas=replicas > 1)
-        stages = [(stage.first_layer, stage.last_layer, stage.devices) for stage in result.stages]
+        max_stages = (options or {}).get("max_stages")
+        if max_stages is None:
+            result = make_plan(devices, layers, replicas=replicas > 1)
+            stages = [(stage.first_layer, stage.last_layer, stage.devices) for stage in result.stages]
+        else:
+            if isinstance(max_stages, bool) or not isinstance(max_stages, int) or not 1 <= max_stages <= len(devices):
+                raise PlanError(f"options.max_stages is {max_stages!r}; use an integer from 1 to {len(devices)} "
+                                f"(the number of alive agents that can run segments)")
+            result = make_plan(devices[:max_stages], layers, replicas=False)
+            stages = [(stage.first_layer, stage.last_layer, stage.devices) for stage in result.stages]
+            if replicas > 1:
+                # NOTE: the predicted period below is then that of the pipeline without these replicas.
+                stages = _replicate_slowest(stages, [device.id for device in devices[max_stages:]], layers)
         placement = placement_from_stages(
             name, version, 0, len(layers), stages,
             predicted_period_s=result.period_s, predicted_latency_s=result.latency_s, optimal=result.optimal)
@@ -377,6 +398,17 @@ class CoordinatorRole:
 
     def deployment(self, deployment_id: str) -> Deployment | None:
         return self.deployments.get(deployment_id)
+
+
+def _replicate_slowest(stages: list[tuple[int, int, tuple[str, ...]]], spare: list[str], layers: list[Layer]) -> list:
+    """Give each spare agent to the stage with the highest profiled seconds per holder."""
+    stages = [(first, last, tuple(agents)) for first, last, agents in stages]
+    for agent in spare:
+        load = [sum(layer.seconds for layer in layers[first:last + 1]) / len(agents) for first, last, agents in stages]
+        slowest = load.index(max(load))
+        first, last, agents = stages[slowest]
+        stages[slowest] = (first, last, (*agents, agent))
+    return stages
 
 
 def _available_memory(capabilities: dict) -> int:

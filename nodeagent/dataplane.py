@@ -37,6 +37,9 @@ from protocol.tensors import decode_tensors, encode_tensors
 logger = logging.getLogger(__name__)
 
 WATCHDOG_INTERVAL_S = 0.05
+# A request that found no route (every holder excluded, or a segment still loading) tries again
+# this often; exclusions last ``exclusion_s`` (1 s by default), so a few tries fit in one.
+ROUTE_RETRY_S = 0.25
 
 
 class InferenceError(Exception):
@@ -155,8 +158,13 @@ class DataPlane:
         point = self.tracker.resume_point(request_id, usable=usable, cuts=placement.cuts) if point.boundary else point
         route = choose_route(placement, point.boundary, outstanding=self._outstanding, usable=usable)
         if route is None:
+            # Name the first segment on the way that lacks a holder, not the resume boundary.
+            by_first = {segment.first: segment for segment in placement.segments}
+            missing = point.boundary
+            while missing in by_first and any(agent in usable for agent in by_first[missing].agents):
+                missing = by_first[missing].last + 1
             reason = (
-                f"no usable agent holds the segment starting at unit {point.boundary} "
+                f"no usable agent has loaded the segment starting at unit {missing} "
                 f"(usable agents: {', '.join(sorted(usable)) or 'none'})"
             )
             if reason != request.stalled_reason:
@@ -304,11 +312,14 @@ class DataPlane:
                 logger.warning("request failed rid=%s: %s", request.request_id, error)
                 state.future.set_exception(error)
             scale = self.host.timeout_scale()
-            for request in self.tracker.stalled(now, self.hop_timeout_s * scale):
+            for request in self.tracker.stalled(now, ROUTE_RETRY_S):
                 if request.stalled_reason:
                     self._launch(request.request_id, ResumePoint(-1, GATEWAY_HOLDER), reason="retrying route")
                     request.last_event = now
-                elif request.waiting_on:
+            for request in self.tracker.stalled(now, self.hop_timeout_s * scale):
+                if request.stalled_reason:
+                    continue
+                if request.waiting_on:
                     self._hop_failed(request.request_id, request.waiting_on,
                                      f"no progress from agent {request.waiting_on} for {self.hop_timeout_s * scale:.1f} s")
                 else:
@@ -394,9 +405,12 @@ class DataPlane:
         if segment is None:
             self._refuse(header, f"segment units {hop.first}..{hop.last} of {header.get('model')}@{header.get('version')} is not loaded here")
             return
-        if int(header.get("plan", -1)) not in segment.plan_versions:
-            self._refuse(header, f"plan version {header.get('plan')} is not held here (holds {sorted(segment.plan_versions)})")
+        plan_version = int(header.get("plan", -1))
+        if plan_version not in segment.plan_versions and plan_version < max(segment.plan_versions):
+            self._refuse(header, f"plan version {plan_version} is not held here (holds {sorted(segment.plan_versions)})")
             return
+        # A newer plan version that names this exact segment is served: the gateway saw the
+        # commit before this agent did, and the units to run are the same under both plans.
         ttl = float(header.get("ttl_ms", 0)) / 1000.0
         if ttl <= 0:
             logger.info("dropping expired activation rid=%s hop=%d", header.get("rid"), hop_index)

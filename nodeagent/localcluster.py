@@ -146,13 +146,21 @@ class LocalCluster:
             "log_level": "INFO",
             "network": network,
             "timing": dict(self.timing),
-            "election": {"voters": list(self.voters), "voter": agent.node_id in self.voters},
+            "election": self._election_section(agent.node_id),
             "runtime": dict(self.runtime),
         }
         for section, values in (extra or {}).items():
             sections.setdefault(section, {}).update(values)
         agent.data_dir.mkdir(parents=True, exist_ok=True)
         agent.config_path.write_text(render_config(sections))
+
+    def _election_section(self, node_id: str) -> dict[str, Any]:
+        section: dict[str, Any] = {"voters": list(self.voters), "voter": node_id in self.voters}
+        if len(self.voters) == 2:
+            # Two voters cannot survive the loss of either, so a two-agent cluster runs with a
+            # fixed coordinator instead of elections.
+            section["static_coordinator"] = self.voters[0]
+        return section
 
     def _fixed_port(self, node_id: str) -> int:
         if node_id not in self._peer_ports:
@@ -302,13 +310,22 @@ class LocalCluster:
         return body
 
     def deploy(self, model: str, version: str, source: str, *, via: int = 0, timeout_s: float = 300.0,
-               replicas: int = 1, progress=None) -> dict:
-        """Deploy through any agent and wait until the version is ready; return the model info."""
-        status, body = self.request(via, "POST", "/v1/models",
-                                    {"name": model, "version": version, "source": source, "replicas": replicas})
-        if status != 202:
-            raise ClusterError(f"deploy of {model} {version} returned {status}: {body}")
+               replicas: int = 1, options: dict | None = None, progress=None) -> dict:
+        """Deploy through any agent; wait until every running agent routes to the version.
+
+        A 503 (no coordinator holds the lease yet, for example right after an election) is
+        retried until ``timeout_s``, as a client following Retry-After would.
+        """
         deadline = time.monotonic() + timeout_s
+        request = {"name": model, "version": version, "source": source, "replicas": replicas,
+                   "options": options or {}}
+        while True:
+            status, body = self.request(via, "POST", "/v1/models", request)
+            if status == 202:
+                break
+            if status != 503 or time.monotonic() > deadline:
+                raise ClusterError(f"deploy of {model} {version} returned {status}: {body}")
+            time.sleep(0.25)
         last = ""
         while time.monotonic() < deadline:
             code, state = self.request(via, "GET", f"/v1/deployments/{body['id']}")
@@ -316,12 +333,22 @@ class LocalCluster:
                 if progress is not None and state["message"] != last:
                     progress(state)
                     last = state["message"]
-                if state["state"] == "ready":
-                    return self.get(via, f"/v1/models/{model}")
                 if state["state"] == "failed":
                     raise ClusterError(f"deployment of {model} {version} failed: {state['message']}")
+                if state["state"] == "ready" and self._version_routable(model, version):
+                    return self.get(via, f"/v1/models/{model}")
             time.sleep(0.2)
         raise ClusterError(f"deployment of {model} {version} not ready within {timeout_s:.0f} s")
+
+    def _version_routable(self, model: str, version: str) -> bool:
+        """Tell whether every running agent has committed the version as ready with traffic."""
+        for index, agent in enumerate(self.agents):
+            if not agent.running:
+                continue
+            code, info = self.request(index, "GET", f"/v1/models/{model}")
+            if code != 200 or info.get("weights", {}).get(version, 0) <= 0:
+                return False
+        return True
 
     def index_of(self, node_id: str) -> int:
         return self.node_ids.index(node_id)

@@ -9,6 +9,13 @@ the set of plan versions under which it was assigned here; the data plane refuse
 other plan version.
 
 Every version that the registry still lists stays loaded, which makes a rollback instant.
+
+Spare copies. Exported blobs start on the coordinator that exported them and reach only the
+agents that load them. A segment held by one agent that is also the coordinator would then exist
+nowhere else, and when that agent dies no survivor can load the segment again. So once its own
+segments are loaded, each agent also fetches and pins (without loading) the blobs of the segment
+after each of its own, in a ring over the placement: every segment of a multi-segment placement
+ends up stored on at least two agents.
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ class SegmentHost:
         self._loading: dict[tuple[str, str, int, int], asyncio.Task] = {}
         self._manifests: dict[str, Manifest] = {}
         self._errors: dict[tuple, str] = {}
+        # Spare copies, keyed (manifest sha, first unit, last unit): pinned blob shas, or the fetch task.
+        self._spares: dict[tuple[str, int, int], tuple[str, ...]] = {}
+        self._spare_tasks: dict[tuple[str, int, int], asyncio.Task] = {}
         self._kick = asyncio.Event()
         self.loads = 0
 
@@ -134,6 +144,60 @@ class SegmentHost:
                 self._loading[key] = task
         for key in [key for key in self._segments if key not in desired]:
             self._unload(key)
+        self._reconcile_spares()
+
+    def _desired_spares(self) -> set[tuple[str, int, int]]:
+        """Unit ranges to keep a spare copy of: the segment after each segment held here."""
+        spares = set()
+        for model in self.host.registry()["models"].values():
+            for entry in model["versions"].values():
+                segments = (entry.get("placement") or {}).get("segments") or []
+                # NOTE: a single-segment placement gets no spare copy; its blobs stay only on
+                # its holders and on the coordinator that exported it.
+                for index, segment in enumerate(segments if len(segments) > 1 else []):
+                    following = segments[(index + 1) % len(segments)]
+                    if self.host.node_id in segment["agents"] and self.host.node_id not in following["agents"]:
+                        spares.add((entry["manifest"], int(following["first"]), int(following["last"])))
+        return spares
+
+    def _reconcile_spares(self) -> None:
+        desired = self._desired_spares()
+        for key in [key for key in self._spares if key not in desired]:
+            for sha in self._spares.pop(key):
+                self.host.store.unpin(sha)
+        for key, task in list(self._spare_tasks.items()):
+            if key not in desired:
+                task.cancel()
+        if self._loading:
+            return  # own segments first: a spare copy must not delay this agent's readiness
+        for key in desired:
+            if key not in self._spares and key not in self._spare_tasks:
+                self._spare_tasks[key] = asyncio.get_running_loop().create_task(self._fetch_spare(key))
+
+    async def _fetch_spare(self, key: tuple[str, int, int]) -> None:
+        manifest_sha, first, last = key
+        pinned: list[str] = []
+        try:
+            manifest = await self.manifest(manifest_sha)
+            for index in range(first, last + 1):
+                sha = manifest.units[index].sha256
+                await self.host.blobs.fetch(sha, self._holders())
+                self.host.store.pin(sha)
+                pinned.append(sha)
+            self._spares[key] = tuple(pinned)
+            logger.info("spare copy stored node=%s manifest=%s units=%d..%d",
+                        self.host.node_id, manifest_sha[:12], first, last)
+        except asyncio.CancelledError:
+            for sha in pinned:
+                self.host.store.unpin(sha)
+            raise
+        except Exception as exc:
+            for sha in pinned:
+                self.host.store.unpin(sha)
+            logger.warning("fetching spare copy failed node=%s manifest=%s units=%d..%d: %s; retrying",
+                           self.host.node_id, manifest_sha[:12], first, last, exc)
+        finally:
+            self._spare_tasks.pop(key, None)
 
     async def _load(self, key: tuple[str, str, int, int], manifest_sha: str, plan_version: int) -> None:
         model, version, first, last = key
@@ -176,7 +240,7 @@ class SegmentHost:
         logger.info("segment unloaded node=%s key=%s", self.host.node_id, key)
 
     async def close(self) -> None:
-        for task in list(self._loading.values()):
+        for task in list(self._loading.values()) + list(self._spare_tasks.values()):
             task.cancel()
         for key in list(self._segments):
             self._unload(key)
@@ -190,4 +254,5 @@ class SegmentHost:
             ],
             "loading": [list(k) for k in self._loading],
             "errors": [{"key": list(k), "error": e} for k, e in self._errors.items()],
+            "spares": [{"manifest": k[0], "first": k[1], "last": k[2]} for k in sorted(self._spares)],
         }

@@ -9,13 +9,20 @@ Unit ranges are inclusive: a segment ``first..last`` runs units ``first`` throug
 ``unit_count`` is the model output. An activation held at boundary ``b`` can resume on any segment
 that starts at ``b``, which is what the gateway's failover relies on.
 
+A branch model (a shared trunk and one head per task) is still placed as one chain of segments
+over every unit. A request visits only the segments on its task's route, which are the trunk's
+units and its head's units (``route_units``, from ``coordinator.micromodel.route_for_task``). On
+such a route the activation after the trunk is held at the boundary before the head's first
+unit, not at ``trunk_end + 1``, because that is where the request resumes. Plans therefore always
+cut at the trunk end and at every head end, so each segment lies wholly on or wholly off a route.
+
 Everything here is pure: records, conversions and route choice. No I/O.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -146,32 +153,96 @@ def placement_from_stages(
     )
 
 
+def segments_on_route(placement: Placement, route_units: Sequence[int] | None = None) -> list[SegmentPlacement] | None:
+    """Return the segments a request visits in order, or None when they do not cover its route.
+
+    ``route_units`` lists the unit indices of the request's route in ascending order (None means
+    every unit). A segment that contains units both on and off the route also gives None: a plan
+    that skipped a required cut cannot serve the route.
+    """
+    if route_units is None:
+        return sorted(placement.segments, key=lambda segment: segment.first)
+    on_route = set(route_units)
+    visited: list[SegmentPlacement] = []
+    covered: list[int] = []
+    for segment in sorted(placement.segments, key=lambda segment: segment.first):
+        units = range(segment.first, segment.last + 1)
+        inside = sum(1 for unit in units if unit in on_route)
+        if inside == 0:
+            continue
+        if inside != len(units):
+            return None
+        visited.append(segment)
+        covered.extend(units)
+    if covered != list(route_units):
+        return None
+    return visited
+
+
+def route_cuts(placement: Placement, route_units: Sequence[int] | None = None) -> frozenset[int]:
+    """Return the boundaries on a route where a request may resume: the starts of its segments."""
+    segments = segments_on_route(placement, route_units)
+    return frozenset(segment.first for segment in segments or ())
+
+
 def choose_route(
     placement: Placement,
     start: int,
     *,
     outstanding: Mapping[str, int],
     usable: Iterable[str],
+    route_units: Sequence[int] | None = None,
 ) -> list[Hop] | None:
-    """Pick a route from boundary ``start`` to the model output, or None when no route exists.
+    """Pick a route from boundary ``start`` to the end of the request's route, or None when none exists.
 
     Each hop goes to the usable replica with the fewest outstanding requests; ties go to the
     replica listed first, which is the planner's choice. The route must begin with a segment
     that starts exactly at ``start``, because an activation held there cannot enter a segment
-    half-way.
+    half-way. ``route_units`` restricts the walk to one task's segments of a branch model (see
+    ``segments_on_route``); None walks every segment.
     """
+    segments = segments_on_route(placement, route_units)
+    if segments is None:
+        return None
+    if route_units is None and start == placement.unit_count:
+        return []
+    firsts = [segment.first for segment in segments]
+    if start not in firsts:
+        return None
     usable_set = set(usable)
     route: list[Hop] = []
-    position = start
-    by_first = {segment.first: segment for segment in placement.segments}
-    while position < placement.unit_count:
-        segment = by_first.get(position)
-        if segment is None:
-            return None
+    for segment in segments[firsts.index(start):]:
         candidates = [agent for agent in segment.agents if agent in usable_set]
         if not candidates:
             return None
         best = min(candidates, key=lambda agent: (outstanding.get(agent, 0), segment.agents.index(agent)))
         route.append(Hop(segment.first, segment.last, best))
-        position = segment.last + 1
     return route
+
+
+def expand_stages(
+    stages: Iterable[tuple[int, int, Iterable[str]]],
+    groups: Sequence[tuple[int, int]],
+    required_cuts: Iterable[int] = (),
+) -> list[tuple[int, int, tuple[str, ...]]]:
+    """Map planner stages over unit groups back to unit ranges, splitting at required cuts.
+
+    A stage ``(first, last, agents)`` indexes ``groups`` (the inclusive unit ranges that
+    ``coordinator.micromodel.unit_groups`` returns). A required cut ``c`` (between unit ``c`` and
+    unit ``c + 1``) that falls inside a stage splits it into two segments held by the same agents,
+    so the split moves no work between agents.
+    """
+    required = sorted(set(required_cuts))
+    expanded: list[tuple[int, int, tuple[str, ...]]] = []
+    for first_group, last_group, agents in stages:
+        if not 0 <= first_group <= last_group < len(groups):
+            raise ValueError(f"stage covers groups {first_group}..{last_group}, but there are {len(groups)} groups")
+        holders = tuple(agents)
+        first = groups[first_group][0]
+        last = groups[last_group][1]
+        for cut in required:
+            if first <= cut < last:
+                expanded.append((first, cut, holders))
+                first = cut + 1
+        expanded.append((first, last, holders))
+    return expanded

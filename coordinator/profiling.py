@@ -71,7 +71,9 @@ def spec_fingerprint(spec: ModelSpec) -> str:
             digest.update(name.encode())
             digest.update(str(tensor.dtype).encode())
             digest.update(str(tuple(tensor.shape)).encode())
-            data = tensor.detach().to("cpu").contiguous()
+            # reshape(-1) first: a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed
+            # as bytes of another element size.
+            data = tensor.detach().to("cpu").contiguous().reshape(-1)
             digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
 

@@ -15,7 +15,7 @@ crash is logged and the loop restarted with backoff instead of being lost):
 - the admin HTTP endpoint (nodeagent.http_api) through ``AgentService`` (nodeagent.service).
 
 Shutdown on SIGTERM or SIGINT runs in these steps: (1) stop accepting new requests (the
-endpoint answers 503 and /healthz says "draining"); (2) tell peers we are leaving (LEAVE), so the
+endpoint returns 503 and /healthz says "draining"); (2) tell peers we are leaving (LEAVE), so the
 coordinator re-places our segments at once instead of waiting for the failure detector; (3) wait
 up to ``timing.drain_timeout_s`` for in-flight requests; (4) close the HTTP endpoint, discovery
 and peer links; (5) exit 0. A second signal exits at once with status 1. Signal handlers only

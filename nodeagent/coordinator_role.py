@@ -34,8 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator import registry as registry_ops
-from coordinator.placement import Placement, SegmentPlacement, placement_from_stages
+from coordinator.micromodel import merge_profile, unit_groups
+from coordinator.placement import Placement, SegmentPlacement, expand_stages, placement_from_stages
 from coordinator.planner import Device, Layer, PlanError, plan as make_plan
+from nodeagent import canary
+from nodeagent.metrics import GATEWAY_WINDOW_S
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +176,8 @@ class CoordinatorRole:
             return
         registry = self.host.registry()
         alive = self.alive_agents()
+        if await self._rollback_failing_canaries(registry, alive):
+            return
         loaded = self.loaded_by_agent()
         for name, model in registry["models"].items():
             for version, entry in model["versions"].items():
@@ -189,11 +194,51 @@ class CoordinatorRole:
                         self.host.metrics.count_failover("segment_replaced")
                     await self.commit(lambda reg, p=repaired: registry_ops.set_placement(reg, p))
                     return
+                if entry["state"] == "placing":
+                    self._report_loading(name, version, placement, loaded, alive)
                 if entry["state"] == "placing" and self._all_loaded(placement, loaded, alive):
                     await self.commit(lambda reg, n=name, v=version, s=entry.get("rollout", "replace"):
                                       self._promote(reg, n, v, s))
                     self._deployment_ready(name, version)
                     return
+
+    async def _rollback_failing_canaries(self, registry: dict, alive: set[str]) -> bool:
+        """Roll back a canary whose merged error rate or p99 passed its limits; True when committed."""
+        if not any(canary.canary_versions(model) for model in registry["models"].values()):
+            return False
+        summaries = [self.host.membership.version_summary()]
+        summaries += [report.get("vstats") or {} for peer, report in self.host.membership.reports.items()
+                      if peer in alive and peer != self.host.node_id]
+        decisions = canary.rollback_decisions(registry, summaries, window_s=GATEWAY_WINDOW_S, now=time.monotonic())
+        for decision in decisions:
+            def change(reg: dict, d: canary.RollbackDecision = decision) -> dict:
+                # The split may have changed since the decision: roll back only the same canary.
+                if d.version not in canary.canary_versions(reg["models"].get(d.model) or {}):
+                    return reg
+                return registry_ops.rollback(reg, d.model)
+
+            committed = await self.commit(change)
+            traffic = committed["models"].get(decision.model, {}).get("traffic")
+            if traffic == registry["models"][decision.model]["traffic"]:
+                continue
+            logger.warning("canary rolled back node=%s model=%s version=%s: %s; traffic is now %s",
+                           self.host.node_id, decision.model, decision.version, decision.decision.reason, traffic)
+            return True
+        return False
+
+    def _report_loading(self, name: str, version: str, placement: Placement,
+                        loaded: dict[str, set[tuple]], alive: set[str]) -> None:
+        """Show in the deployment's progress how many segments some agent has loaded."""
+        ready = sum(
+            1 for segment in placement.segments
+            if any(agent in alive and (name, version, segment.first, segment.last) in loaded.get(agent, set())
+                   for agent in segment.agents)
+        )
+        count = len(placement.segments)
+        for deployment in self.deployments.values():
+            if deployment.model == name and deployment.version == version and deployment.state == "loading":
+                deployment.percent = 60.0 + 40.0 * ready / max(count, 1) * 0.99
+                deployment.message = f"agents are fetching and loading segments: {ready} of {count} loaded"
 
     def _all_loaded(self, placement: Placement, loaded: dict[str, set[tuple]], alive: set[str]) -> bool:
         for segment in placement.segments:
@@ -288,6 +333,7 @@ class CoordinatorRole:
     async def _deploy(self, deployment: Deployment, source: str, rollout: str, replicas: int, options: dict) -> None:
         try:
             deployment.state, deployment.message = "distributing", f"exporting {source}"
+            canary_policy = canary.policy_from_options(options)
             job = await self._export(source, deployment, options)
             deployment.percent = 40.0
             deployment.message = "planning"
@@ -297,13 +343,22 @@ class CoordinatorRole:
             def change(registry: dict) -> dict:
                 registry = registry_ops.add_version(
                     registry, deployment.model, deployment.version, manifest=job["manifest"],
-                    source=source, strategy=str(options.get("segmentation", "layer")), replicas=replicas)
+                    source=source, strategy=str(job.get("strategy") or options.get("segmentation", "layer")),
+                    replicas=replicas)
                 entry = registry["models"][deployment.model]["versions"][deployment.version]
+                # Cut rules, so a later coordinator can plan this version again without the export.
+                # NOTE: only the weight bytes of the profile are stored; a re-plan also needs the
+                # per-unit seconds and output bytes, which nothing stores yet.
+                entry["allowed_cuts"] = _allowed_cuts(job)
+                entry["required_cuts"] = [int(cut) for cut in job.get("required_cuts") or []]
+                entry["tasks"] = list(job.get("tasks") or [])
                 entry["rollout"] = rollout
                 entry["canary_weight"] = float(options.get("canary_weight", 0.1))
                 entry["unit_weight_bytes"] = [layer["weight_bytes"] for layer in job["profile"]]
                 entry["predicted"] = predicted
                 entry["tokenizer"] = job.get("tokenizer")
+                entry["canary"] = job.get("canary")
+                entry["canary_policy"] = canary_policy
                 placement_next = Placement.from_dict({**placement.to_dict(), "plan_version": registry["plan_version"] + 1})
                 return registry_ops.set_placement(registry, placement_next)
 
@@ -328,9 +383,7 @@ class CoordinatorRole:
             cmd = [sys.executable, "-m", "coordinator.export_job", "--source", source,
                    "--name", deployment.model, "--version", deployment.version, "--out", out_dir,
                    "--cache", str(self.host.data_dir / "profile-cache"),
-                   "--segmentation", str(options.get("segmentation", "layer"))]
-            if options.get("block_size"):
-                cmd += ["--block-size", str(int(options["block_size"]))]
+                   *_segmentation_arguments(options)]
             process = await asyncio.create_subprocess_exec(
                 *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             try:
@@ -354,12 +407,18 @@ class CoordinatorRole:
     def _plan(self, name: str, version: str, job: dict, replicas: int, options: dict | None = None) -> tuple[Placement, dict]:
         """Plan a placement over the alive agents.
 
+        Segments start and end only at the job's allowed cuts, and every required cut (the trunk
+        end and the head ends of a branch model) separates two segments.
         ``options["max_stages"]`` (an integer from 1 to the number of agents) limits the pipeline
         to the first that many agents in id order. With ``replicas > 1`` the other agents then
         replicate the slowest stages. Benchmarks and tests use it to get a known shape.
         """
         alive = sorted(a for a in self.alive_agents() if not self._is_witness(a))
-        layers = [Layer(l["name"], float(l["seconds"]), int(l["weight_bytes"]), int(l["output_bytes"])) for l in job["profile"]]
+        # The planner places unit groups, the units between two allowed cuts, so every stage
+        # boundary it picks is an allowed cut. expand_stages maps the stages back to units.
+        groups = unit_groups(len(job["profile"]), _allowed_cuts(job))
+        merged = merge_profile(job["profile"], _allowed_cuts(job))
+        layers = [Layer(l["name"], float(l["seconds"]), int(l["weight_bytes"]), int(l["output_bytes"])) for l in merged]
         own_score = float(self.host.capabilities.get("total_gflops") or 1.0)
         devices = []
         for agent in alive:
@@ -387,8 +446,13 @@ class CoordinatorRole:
             if replicas > 1:
                 # NOTE: the predicted period below is then that of the pipeline without these replicas.
                 stages = _replicate_slowest(stages, [device.id for device in devices[max_stages:]], layers)
+        # A branch model is planned as one chain over all its units, and a required cut that falls
+        # inside a stage splits it on the same agents.
+        # NOTE: the cost model then charges every head to each request, so the predicted period
+        # and latency of a branch model are upper bounds, not the optimum for one task's route.
+        stages = expand_stages(stages, groups, job.get("required_cuts") or ())
         placement = placement_from_stages(
-            name, version, 0, len(layers), stages,
+            name, version, 0, len(job["profile"]), stages,
             predicted_period_s=result.period_s, predicted_latency_s=result.latency_s, optimal=result.optimal)
         predicted = {"period_s": result.period_s, "latency_s": result.latency_s,
                      "throughput_rps_per_item": 1.0 / result.period_s if result.period_s > 0 else None,
@@ -398,6 +462,37 @@ class CoordinatorRole:
 
     def deployment(self, deployment_id: str) -> Deployment | None:
         return self.deployments.get(deployment_id)
+
+
+def _allowed_cuts(job: dict) -> list[int]:
+    """Return the export job's allowed cuts; an older job output without them allows every cut."""
+    unit_count = len(job["profile"])
+    cuts = job.get("allowed_cuts")
+    if cuts is None:
+        return list(range(unit_count - 1))
+    return sorted({int(cut) for cut in cuts if 0 <= int(cut) < unit_count - 1})
+
+
+def _segmentation_arguments(options: dict) -> list[str]:
+    """Check the deploy's segmentation options and return them as export job arguments."""
+    segmentation = options.get("segmentation", "layer")
+    if segmentation not in ("layer", "block"):
+        raise ValueError(f"options.segmentation is {segmentation!r}; use \"layer\" or \"block\"")
+    arguments = ["--segmentation", segmentation]
+    if segmentation == "layer":
+        return arguments
+    block_size = options.get("block_size")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"options.block_size is {block_size!r}; block segmentation needs an integer >= 1 "
+                         f"(allow a cut after every that many blocks)")
+    arguments += ["--block-size", str(block_size)]
+    block_prefix = options.get("block_prefix")
+    if block_prefix is not None:
+        if not isinstance(block_prefix, str):
+            raise ValueError(f"options.block_prefix is {block_prefix!r}; use the unit name prefix of the blocks, "
+                             f"such as \"encoder.layer.\"")
+        arguments += ["--block-prefix", block_prefix]
+    return arguments
 
 
 def _replicate_slowest(stages: list[tuple[int, int, tuple[str, ...]]], spare: list[str], layers: list[Layer]) -> list:

@@ -14,6 +14,12 @@ Every agent plays two parts here:
 
 The coordinator is never on this path. Frames carry epoch, plan version, request id, attempt,
 hop index and the time left (``ttl_ms``, relative, so agents need no synchronised clocks).
+
+A request for a branch model names its task. The gateway routes it over the segments on that
+task's route only (``coordinator.placement.segments_on_route``), the frames carry ``task``, and
+each hop runs its segment for that task on a worker of that task. An activation is held at the
+boundary where the next hop starts, which on a task's route is the head's first unit right after
+the trunk, so a resume never lands on another head's segment.
 """
 
 from __future__ import annotations
@@ -28,10 +34,10 @@ from dataclasses import dataclass, field
 import torch
 
 from coordinator.failover import GATEWAY_HOLDER, GatewayTracker, InflightRequest, ResumePoint
-from coordinator.placement import Hop, Placement, choose_route
+from coordinator.placement import Hop, Placement, choose_route, route_cuts, segments_on_route
 from protocol.messages import MsgType
 from nodeagent.worker import DeadlineExceeded as WorkerDeadline
-from nodeagent.worker import QueueFull
+from nodeagent.worker import QueueFull, WorkerClosed
 from protocol.tensors import decode_tensors, encode_tensors
 
 logger = logging.getLogger(__name__)
@@ -67,6 +73,8 @@ class GatewayRequest:
     inputs: dict[str, torch.Tensor]
     future: asyncio.Future
     priority: str
+    task: str | None = None
+    route_units: tuple[int, ...] | None = None
     excluded: dict[str, float] = field(default_factory=dict)
     route: list[Hop] = field(default_factory=list)
     result_info: dict = field(default_factory=dict)
@@ -101,14 +109,21 @@ class DataPlane:
         priority: str = "normal",
         deadline_s: float = 10.0,
         request_id: str | None = None,
+        task: str | None = None,
+        route_units: tuple[int, ...] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict]:
-        """Run one request through the cluster; raise InferenceError when it cannot finish."""
+        """Run one request through the cluster; raise InferenceError when it cannot finish.
+
+        For a branch model, ``task`` names the head and ``route_units`` lists the units of that
+        task's route (``coordinator.micromodel.route_for_task``); the caller checks both.
+        """
         request_id = request_id or uuid.uuid4().hex[:16]
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         self.counters["requests"] += 1
         self.tracker.start(request_id, model, version, now=now, deadline=now + deadline_s)
-        state = GatewayRequest(dict(inputs), loop.create_future(), priority)
+        state = GatewayRequest(dict(inputs), loop.create_future(), priority, task,
+                               tuple(route_units) if route_units is not None else None)
         self._requests[request_id] = state
         try:
             self._launch(request_id, ResumePoint(0, GATEWAY_HOLDER), reason="new request")
@@ -155,18 +170,13 @@ class DataPlane:
             return
         usable = self._usable(state)
         placement = self.host.ready_placement(placement)
-        point = self.tracker.resume_point(request_id, usable=usable, cuts=placement.cuts) if point.boundary else point
-        route = choose_route(placement, point.boundary, outstanding=self._outstanding, usable=usable)
+        if point.boundary:
+            cuts = route_cuts(placement, state.route_units)
+            point = self.tracker.resume_point(request_id, usable=usable, cuts=cuts)
+        route = choose_route(placement, point.boundary, outstanding=self._outstanding, usable=usable,
+                             route_units=state.route_units)
         if route is None:
-            # Name the first segment on the way that lacks a holder, not the resume boundary.
-            by_first = {segment.first: segment for segment in placement.segments}
-            missing = point.boundary
-            while missing in by_first and any(agent in usable for agent in by_first[missing].agents):
-                missing = by_first[missing].last + 1
-            reason = (
-                f"no usable agent has loaded the segment starting at unit {missing} "
-                f"(usable agents: {', '.join(sorted(usable)) or 'none'})"
-            )
+            reason = self._no_route_reason(placement, state, point.boundary, usable)
             if reason != request.stalled_reason:
                 logger.info("request waits for a route rid=%s model=%s boundary=%d: %s",
                             request_id, request.model, point.boundary, reason)
@@ -197,6 +207,19 @@ class DataPlane:
             else:
                 self._send_or_fail(point.holder, MsgType.RESEND, resend, plane="control", rid=request_id)
 
+    @staticmethod
+    def _no_route_reason(placement: Placement, state: GatewayRequest, boundary: int, usable: set[str]) -> str:
+        """Name the first segment on the way that lacks a holder, not the resume boundary."""
+        segments = segments_on_route(placement, state.route_units)
+        if segments is None:
+            return (f"placement plan {placement.plan_version} has no segments that cover the route of task "
+                    f"{state.task!r} (units {list(state.route_units or ())})")
+        for segment in segments:
+            if segment.last >= boundary and not any(agent in usable for agent in segment.agents):
+                return (f"no usable agent has loaded the segment starting at unit {segment.first} "
+                        f"(usable agents: {', '.join(sorted(usable)) or 'none'})")
+        return f"no segment starts at boundary {boundary} on the request's route"
+
     def _activation_header(self, request: InflightRequest, placement: Placement, attempt: int, route: list[Hop]) -> dict:
         remaining = max(0.0, request.deadline - time.monotonic())
         return {
@@ -211,6 +234,7 @@ class DataPlane:
             "version": request.version,
             "gw": self.node_id,
             "prio": self._requests[request.request_id].priority,
+            "task": self._requests[request.request_id].task,
         }
 
     def _send_or_fail(self, peer: str, msg_type: MsgType, header: dict, *, plane: str, rid: str, buffers=()) -> None:
@@ -420,11 +444,16 @@ class DataPlane:
     async def _run_hop(self, header: dict, hop_index: int, hop: Hop, segment, tensors, deadline: float) -> None:
         request_id = header["rid"]
         try:
-            outputs = await segment.worker.submit(
+            task = header.get("task")
+            if task is not None and not isinstance(task, str):
+                raise ValueError(f"activation field task is {task!r}; expected a task name or null")
+            worker = segment.worker if task is None else segment.worker_for(task)
+            outputs = await worker.submit(
                 tensors, priority=header.get("prio", "normal"), deadline=deadline, request_id=request_id,
             )
-        except QueueFull as exc:
-            # Backpressure: refuse the hop so the gateway retries on another replica or later.
+        except (QueueFull, WorkerClosed) as exc:
+            # Backpressure, or the segment was unloaded (re-placement, failed canary): refuse the
+            # hop so the gateway retries on another replica or after the reload.
             self._refuse(header, str(exc))
             return
         except WorkerDeadline:
@@ -439,9 +468,11 @@ class DataPlane:
         if hop_index == len(route) - 1:
             self._send_result(header, outputs)
             return
-        boundary = hop.last + 1
-        self._held[(request_id, boundary)] = HeldActivation(outputs, deadline, header)
         next_hop = Hop.from_list(route[hop_index + 1])
+        # The next hop's first unit, not hop.last + 1: after the trunk of a branch model the
+        # route skips the other heads.
+        boundary = next_hop.first
+        self._held[(request_id, boundary)] = HeldActivation(outputs, deadline, header)
         next_header = dict(header, hop=hop_index + 1, ttl_ms=int(max(0.0, deadline - time.monotonic()) * 1000))
         next_header.pop("tensors", None)
         self._report(header, {"rid": request_id, "att": header["att"], "boundary": boundary, "next": next_hop.agent})

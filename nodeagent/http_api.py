@@ -234,7 +234,11 @@ class _Api:
     # ---- routes ----
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"status": "ok", "node_id": self.settings.node_id})
+        # A draining agent answers 503 so that load balancers stop sending it new requests.
+        health = getattr(self.facade, "health", None)
+        state = health() if callable(health) else "ok"
+        return web.json_response({"status": state, "node_id": self.settings.node_id},
+                                 status=200 if state == "ok" else 503)
 
     def _static(self, handler: str) -> web.StreamResponse:
         _, content_type = _STATIC_FILES[handler]
@@ -354,7 +358,8 @@ class _Api:
         try:
             result = await self._run_infer(infer_request)
         except (Unavailable, DeadlineExceeded) as exc:
-            self._observe(name, version_label, received, ok=False)
+            # The agent names the version it routed to, so unpinned failures count against it.
+            self._observe(name, getattr(exc, "version", None) or version_label, received, ok=False)
             logger.info("node %s: infer on model %s failed: %s", self.settings.node_id, name, exc.message)
             raise
         except FacadeError:

@@ -39,7 +39,7 @@ LOCAL_TIMING = {
 
 
 class ClusterError(RuntimeError):
-    """A local cluster did not start or answer as expected."""
+    """A local cluster did not start or respond as expected."""
 
 
 @dataclass
@@ -80,7 +80,7 @@ def render_config(sections: dict[str, Any]) -> str:
 
 
 class LocalCluster:
-    """Agents ``agent-0`` .. ``agent-{n-1}`` under ``root``, all voters unless told otherwise."""
+    """Agents ``agent-0`` .. ``agent-{n-1}`` under ``root``, all voters unless ``voters`` lists fewer."""
 
     def __init__(
         self,

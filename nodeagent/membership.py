@@ -3,7 +3,8 @@
 Heartbeats travel on the control plane every ``timing.heartbeat_interval_s``. Each carries the
 sender's incarnation (so news about an older incarnation is ignored), its loaded segments and
 queue depth (so a new coordinator rebuilds its view from what agents report), whether a segment
-worker is wedged (progress on the data path counts as liveness), and an echo of the last
+worker is wedged (progress on the data path counts as liveness), its gateway's request counts per
+model version (``vstats``, for the coordinator's canary rollback), and an echo of the last
 timestamp it received from the destination, which gives the round-trip time without extra
 frames.
 
@@ -30,6 +31,7 @@ from coordinator.detector import (
     RequestProbe,
     Suspect,
 )
+from nodeagent.canary import version_summary
 from protocol.messages import MsgType
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,7 @@ class Membership:
             "wedged": segments.is_wedged(WEDGED_AFTER_S),
             "draining": self.host.draining,
             "term": self.host.epoch,
+            "vstats": self.version_summary(),
         }
         for peer in self.host.links.members():
             body = dict(body_common)
@@ -105,6 +108,12 @@ class Membership:
                 # the round trip on its own clock without the wait for our next heartbeat.
                 body["echo"], body["echo_held_s"] = seen[0], now - seen[1]
             self.host.links.send_nowait(peer, MsgType.HEARTBEAT, body, plane="control")
+
+    def version_summary(self) -> dict:
+        """This gateway's per-version counts, for the coordinator's canary rollback check."""
+        if self.host.metrics is None:
+            return {}
+        return version_summary(self.host.registry(), self.host.metrics.version_stats)
 
     def _apply(self, action, now: float) -> None:
         if isinstance(action, RequestProbe):

@@ -40,7 +40,7 @@ class PeerUnavailable(ConnectionError):
 
 @dataclass
 class PeerState:
-    """What this agent knows about one peer node id."""
+    """State this agent keeps about one peer node id."""
 
     node_id: str
     host: str | None = None

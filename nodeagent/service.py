@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from coordinator import registry as registry_ops
+from coordinator.micromodel import route_for_task
 from coordinator.registry import RegistryError
 from nodeagent import facade
 from nodeagent.coordinator_role import NotCoordinatorError
@@ -58,6 +59,10 @@ class AgentService:
     def __init__(self, host) -> None:
         self.host = host
         self._tokenizers: dict[str, Any] = {}
+
+    def health(self) -> str:
+        """Return "ok", or "draining" while the agent shuts down."""
+        return "draining" if self.host.draining else "ok"
 
     # ----------------------------------------------------------------- helpers
 
@@ -299,12 +304,32 @@ class AgentService:
             self._tokenizers[sha] = tokenizer
         return tokenize(tokenizer, text, max_length=TOKENIZER_MAX_LENGTH)
 
+    async def _route_units(self, name: str, version: str, entry: dict, task: str | None) -> tuple[int, ...] | None:
+        """Check ``task`` against the version's heads; return the task's route units (None: no heads)."""
+        manifest = await self.host.segments.manifest(entry["manifest"])
+        tasks = sorted(manifest.heads or {})
+        if not tasks:
+            if task is not None:
+                raise facade.BadRequest(
+                    f"model {name!r} version {version!r} has no heads, so it takes no task; omit `task`",
+                    field="task", value=task, expected=[])
+            return None
+        if task is None:
+            raise facade.BadRequest(
+                f"model {name!r} version {version!r} is a branch model; name the head to run in `task`, "
+                f"one of {tasks}", field="task", value=None, expected=tasks)
+        if task not in tasks:
+            raise facade.BadRequest(f"task {task!r} is not a head of model {name!r} version {version!r}; "
+                                    f"use one of {tasks}", field="task", value=task, expected=tasks)
+        return route_for_task(manifest, task)
+
     async def infer(self, request: facade.InferRequest) -> facade.InferResult:
         host = self.host
         if host.draining:
             raise facade.Unavailable(f"agent {host.node_id} is shutting down; send the request to another agent",
                                      reason="draining", retry_after_s=0.5)
         version, entry = self._resolve_version(request.model, request.version, request.request_key)
+        route_units = await self._route_units(request.model, version, entry, request.task)
         inputs = request.inputs if request.inputs is not None else await self._tokenize(entry, request.text or [])
         deadline_s = DEFAULT_DEADLINE_S
         if request.deadline_monotonic() is not None:
@@ -315,13 +340,15 @@ class AgentService:
         started = time.monotonic()
         try:
             outputs, info = await host.dataplane.infer(
-                request.model, version, inputs, priority=request.priority, deadline_s=deadline_s)
+                request.model, version, inputs, priority=request.priority, deadline_s=deadline_s,
+                task=request.task, route_units=route_units)
         except InferenceError as exc:
-            if exc.status == 504:
-                raise facade.DeadlineExceeded(str(exc)) from exc
             if exc.status == 500:
                 raise facade.BadRequest(str(exc), status=422, field="inputs") from exc
-            raise facade.Unavailable(str(exc), reason="deadline_unreachable") from exc
+            error = (facade.DeadlineExceeded(str(exc)) if exc.status == 504
+                     else facade.Unavailable(str(exc), reason="deadline_unreachable"))
+            error.version = version
+            raise error from exc
         elapsed = time.monotonic() - started
         return facade.InferResult(
             outputs=outputs, version=version, request_id=info["request_id"],

@@ -76,3 +76,13 @@ def test_demo_rejects_bad_arguments() -> None:
     )
     assert completed.returncode == 2
     assert "--agents" in completed.stderr
+
+
+def test_demo_efficientnet_images() -> None:
+    completed, summary = _run_demo("--model", "efficientnet", "--requests", "10")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert summary["failed"] == 0
+    assert summary["max_abs_diff"] <= 1e-4
+    segments = summary["segments"]
+    assert segments[0]["first_layer"] == 0
+    assert segments[-1]["last_layer"] == 17  # stem, 16 MBConv blocks, head

@@ -305,3 +305,22 @@ def test_profile_units_cache(tmp_path: Path) -> None:
 def test_profile_units_rejects_few_repeats() -> None:
     with pytest.raises(ValueError, match="at least 5"):
         profile_units(toymodels.build_tied(), repeats=3)
+
+
+def test_profile_cache_key_accepts_zero_dim_buffers(tmp_path) -> None:
+    """BatchNorm keeps a 0-d int64 buffer; the profile cache key must hash it, not raise."""
+    import torch
+    from torch import nn
+
+    from coordinator.micromodel import sequential_spec
+    from coordinator.profiling import profile_units, spec_fingerprint
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    spec = sequential_spec("bn", model, torch.randn(2, 3, 8, 8))
+    first = spec_fingerprint(spec)
+    assert len(first) == 64
+    model[1].num_batches_tracked.fill_(7)
+    assert spec_fingerprint(spec) != first
+    rows = profile_units(spec, cache_dir=tmp_path)
+    assert [row["name"] for row in rows] == [unit.name for unit in spec.units]
+    assert list(tmp_path.iterdir()), "the profile was not cached"

@@ -171,3 +171,20 @@ def build_sequential() -> tuple[nn.Sequential, torch.Tensor]:
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     return model, torch.randn(2, 4)
+
+
+STACK_DEPTH = 6
+STACK_WIDTH = 1024
+STACK_EXAMPLE_ROWS = 256
+
+
+def build_stack() -> tuple[nn.Sequential, torch.Tensor]:
+    """Six equal Linear layers (units "0".."5") whose profile makes a planner split them.
+
+    The example batch of 256 rows is what the export job profiles: each unit then computes for
+    milliseconds, more than a loopback link costs, so a plan over three agents uses every cut it
+    may. Requests may use any batch size.
+    """
+    torch.manual_seed(5)
+    layers = [nn.Linear(STACK_WIDTH, STACK_WIDTH) for _ in range(STACK_DEPTH)]
+    return nn.Sequential(*layers), torch.randn(STACK_EXAMPLE_ROWS, STACK_WIDTH)

@@ -275,7 +275,7 @@ class Agent:
         for event in self.election.drain_events():
             name = type(event).__name__
             if name == "BecameLeader":
-                logger.warning("elected coordinator node=%s epoch=%d", self.node_id, event.term)
+                logger.info("elected coordinator node=%s epoch=%d", self.node_id, event.term)
                 try:
                     self.fence.check(event.term, self.node_id)
                 except FencingError as exc:

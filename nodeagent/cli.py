@@ -70,6 +70,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
         return 2
     _setup_logging(config.log_level)
     from coordinator.election import validate_voters
+    if not config.election.voters and config.election.static_coordinator is None and (
+            config.network.mdns_enabled or config.network.static_peers):
+        # Without a voter list every agent would count only itself and elect itself, and the
+        # cluster would split into as many coordinators as agents.
+        print("shardmesh agent: election.voters is empty, but this agent looks for peers "
+              "(mDNS or static peers). List the node ids of the voting agents in every agent's "
+              "config, for example voters = [\"node-a\", \"node-b\", \"node-c\"]; a single-agent "
+              "cluster lists only itself.", file=sys.stderr)
+        return 2
     try:
         validate_voters(config.election.voters or (), static_coordinator=config.election.static_coordinator)
     except ValueError as exc:
@@ -234,7 +243,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from nodeagent.demo import run_demo
 
-    _setup_logging("WARNING" if args.json else "INFO")
+    # The demo prints its own progress; library INFO lines would only bury it.
+    _setup_logging("WARNING")
     return run_demo(args)
 
 

@@ -185,6 +185,13 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
 
+def _device_names(member: dict) -> str:
+    """Return the member's devices as "cpu, cuda:0"; the capability record lists them as dicts."""
+    devices = (member.get("capabilities") or {}).get("devices", [])
+    names = [device.get("name", "?") if isinstance(device, dict) else str(device) for device in devices]
+    return ", ".join(names) or "-"
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -241,7 +248,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         health = member.get("health") or {}
         members.add_row(
             member.get("node_id", "-"), member.get("role", "-"), member.get("state", "-"),
-            member.get("address", "-"), ", ".join((member.get("capabilities") or {}).get("devices", [])) or "-",
+            member.get("address", "-"), _device_names(member), 
             _fmt(health.get("loop_lag_ms")), _fmt(health.get("inflight")),
         )
     console.print(members)

@@ -172,7 +172,8 @@ class ElectionConfig:
     voter: bool = _field(
         True, "This agent votes and may become coordinator. Set false on small edge boards.")
     voters: tuple[str, ...] = _field(
-        (), "Node ids of the voters. Empty means every member that joined as a voter.")
+        (), "Node ids of the voters, the same list on every agent. Empty is allowed only for a "
+        "single agent with mDNS off and no static peers, which then votes for itself alone.")
     witness: bool = _field(
         False, "This agent votes but runs no model segments (a tie-breaker for two-node "
         "clusters). Requires election.voter to be true.")

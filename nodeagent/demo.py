@@ -33,6 +33,9 @@ from nodeagent.localcluster import LocalCluster
 logger = logging.getLogger(__name__)
 
 MAX_ABS_DIFF = 1e-4
+# Each agent is a Python process with torch loaded (about 400 MB); more than this on one machine
+# only measures contention.
+MAX_AGENTS = 16
 STARTUP_TIMEOUT_S = 90.0
 DEPLOY_TIMEOUT_S = 300.0
 REQUEST_DEADLINE_MS = 20_000
@@ -264,10 +267,19 @@ def _member_state(status: dict, node_id: str) -> str:
     return "gone"
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    if args.agents < 1 or args.requests < 1:
-        print("shardmesh demo: --agents and --requests must be at least 1", file=sys.stderr)
-        return 2
+    for option, value, low, high in (("--agents", args.agents, 1, MAX_AGENTS),
+                                     ("--requests", args.requests, 1, 100_000),
+                                     ("--concurrency", args.concurrency, 1, 1024)):
+        if not low <= value <= high:
+            print(f"shardmesh demo: {option} {value} is out of range; use {low} to {high}", file=sys.stderr)
+            return 2
+    # SIGTERM (from `timeout`, CI or a service manager) cleans up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="shardmesh-demo-")), args.agents)
     summary = None
     code = 1

@@ -8,6 +8,7 @@ agent as the gateway.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -302,7 +303,8 @@ class AgentService:
             path = await self.host.blobs.fetch(sha, self.host.segments._holders())
             tokenizer = Tokenizer.from_str(path.read_text())
             self._tokenizers[sha] = tokenizer
-        return tokenize(tokenizer, text, max_length=TOKENIZER_MAX_LENGTH)
+        # Tokenizing a large batch takes long enough to stall heartbeats: run it in a thread.
+        return await asyncio.to_thread(tokenize, tokenizer, text, max_length=TOKENIZER_MAX_LENGTH)
 
     async def _route_units(self, name: str, version: str, entry: dict, task: str | None) -> tuple[int, ...] | None:
         """Check ``task`` against the version's heads; return the task's route units (None: no heads)."""
@@ -335,8 +337,10 @@ class AgentService:
         if request.deadline_monotonic() is not None:
             deadline_s = request.deadline_monotonic() - time.monotonic()
             if deadline_s <= 0:
-                raise facade.BadRequest("the request's deadline passed before it was scheduled",
-                                        field="deadline_ms", value=request.deadline_s, expected="a positive budget")
+                raise facade.BadRequest(
+                    "the request's deadline passed before it was scheduled; allow more time",
+                    field="deadline_ms", value=round(request.deadline_s * 1000, 3),
+                    expected="a budget of at least a few milliseconds per segment")
         started = time.monotonic()
         try:
             outputs, info = await host.dataplane.infer(
@@ -344,7 +348,10 @@ class AgentService:
                 task=request.task, route_units=route_units)
         except InferenceError as exc:
             if exc.status == 500:
-                raise facade.BadRequest(str(exc), status=422, field="inputs") from exc
+                raise facade.BadRequest(
+                    f"the model rejected these inputs: {exc}. Check them against the model's "
+                    f"input spec (GET /v1/models/{request.model}) and its limits, such as a maximum "
+                    f"sequence length", status=422, field="inputs") from exc
             error = (facade.DeadlineExceeded(str(exc)) if exc.status == 504
                      else facade.Unavailable(str(exc), reason="deadline_unreachable"))
             error.version = version

@@ -121,6 +121,34 @@ def set_placement(registry: Mapping, placement: Placement) -> dict:
     return result
 
 
+def set_pending_placement(registry: Mapping, placement: Placement | None, *, name: str | None = None,
+                          version: str | None = None) -> dict:
+    """Store the placement that agents load before it replaces the current one (None clears it).
+
+    Make-before-break: agents load the segments of both placements, and gateways keep routing on
+    the current one until ``promote_pending_placement`` swaps them.
+    """
+    result = normalize(registry)
+    if placement is None:
+        _version(result, str(name), str(version))["pending_placement"] = None
+        return result
+    entry = _version(result, placement.model, placement.version)
+    result["plan_version"] = max(int(result["plan_version"]), placement.plan_version)
+    entry["pending_placement"] = placement.to_dict()
+    return result
+
+
+def promote_pending_placement(registry: Mapping, name: str, version: str) -> dict:
+    """Make the pending placement the current one."""
+    result = normalize(registry)
+    entry = _version(result, name, version)
+    pending = entry.get("pending_placement")
+    if not pending:
+        raise RegistryError(f"version {version!r} of model {name!r} has no pending placement", kind="conflict")
+    entry["placement"], entry["pending_placement"] = pending, None
+    return result
+
+
 def set_state(registry: Mapping, name: str, version: str, state: str, message: str = "") -> dict:
     """Set a version's state; the first version of a model to become ready gets all traffic."""
     if state not in ("placing", "ready", "failed"):

@@ -36,7 +36,8 @@ from pathlib import Path
 from coordinator import registry as registry_ops
 from coordinator.micromodel import merge_profile, unit_groups
 from coordinator.placement import Placement, SegmentPlacement, expand_stages, placement_from_stages
-from coordinator.planner import Device, Layer, PlanError, plan as make_plan
+from coordinator.planner import Device, Layer, PlanError, plan as make_plan, replan
+from coordinator.planner_model import Plan as PlannerPlan, Stage as PlannerStage
 from nodeagent import canary
 from nodeagent.metrics import GATEWAY_WINDOW_S
 
@@ -48,6 +49,9 @@ EXPORT_TIMEOUT_S = 900.0
 DEFAULT_BANDWIDTH = 1e9
 DEFAULT_LATENCY_S = 1e-4
 DEFAULT_MEMORY_BYTES = 8 << 30
+# A join moves segments only when the new plan's period is at least this much lower: moving
+# weights costs transfer and load time, and a small gain is within the profile's noise.
+REPLAN_HYSTERESIS = 0.1
 
 
 @dataclass
@@ -80,12 +84,14 @@ class CoordinatorRole:
         self._deploy_tasks: set[asyncio.Task] = set()
         self._commit_lock = asyncio.Lock()
         self.replacements = 0
+        self._seen_alive: set[str] | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
     def start(self, term: int) -> None:
         self.stop()
         self.term = term
+        self._seen_alive = None
         self._task = asyncio.get_running_loop().create_task(self._loop(term), name="coordinator-role")
         logger.info("coordinator role started node=%s epoch=%d", self.host.node_id, term)
 
@@ -179,6 +185,9 @@ class CoordinatorRole:
         if await self._rollback_failing_canaries(registry, alive):
             return
         loaded = self.loaded_by_agent()
+        # Agents that became alive since the last pass; None on the first pass of a term, so a new
+        # coordinator does not mistake the whole cluster for newcomers.
+        joined = alive - self._seen_alive if self._seen_alive is not None else set()
         for name, model in registry["models"].items():
             for version, entry in model["versions"].items():
                 if not entry.get("placement"):
@@ -201,6 +210,43 @@ class CoordinatorRole:
                                       self._promote(reg, n, v, s))
                     self._deployment_ready(name, version)
                     return
+                if entry["state"] == "ready" and await self._advance_replan(
+                        name, version, entry, placement, loaded, alive, joined, registry["plan_version"]):
+                    return
+        self._seen_alive = alive
+
+    async def _advance_replan(self, name: str, version: str, entry: dict, placement: Placement,
+                              loaded: dict[str, set[tuple]], alive: set[str], joined: set[str],
+                              plan_version: int) -> bool:
+        """Start, finish or abandon a make-before-break re-plan; True when a write was committed."""
+        pending = entry.get("pending_placement")
+        if pending:
+            target = Placement.from_dict(pending)
+            if not target.agents <= alive:
+                logger.info("abandoning re-plan of model=%s version=%s: an agent of it is gone", name, version)
+                await self.commit(lambda reg: registry_ops.set_pending_placement(reg, None, name=name, version=version))
+                return True
+            if self._all_loaded(target, loaded, alive):
+                logger.warning("re-plan of model=%s version=%s is loaded; switching to plan %d: %s", name, version,
+                               target.plan_version,
+                               ", ".join(f"{s.first}..{s.last}@{'/'.join(s.agents)}" for s in target.segments))
+                await self.commit(lambda reg: registry_ops.promote_pending_placement(reg, name, version))
+                return True
+            return False
+        if not joined:
+            return False
+        try:
+            better = self._replan_for_join(entry, placement, alive, plan_version)
+        except PlanError as exc:
+            logger.info("no re-plan of model=%s version=%s after %s joined: %s", name, version, ",".join(sorted(joined)), exc)
+            return False
+        if better is None:
+            return False
+        logger.warning("agents %s joined; loading a better plan for model=%s version=%s (period %.4f s -> %.4f s) "
+                       "before switching to it", ",".join(sorted(joined)), name, version,
+                       placement.predicted_period_s, better.predicted_period_s)
+        await self.commit(lambda reg: registry_ops.set_pending_placement(reg, better))
+        return True
 
     async def _rollback_failing_canaries(self, registry: dict, alive: set[str]) -> bool:
         """Roll back a canary whose merged error rate or p99 passed its limits; True when committed."""
@@ -355,6 +401,8 @@ class CoordinatorRole:
                 entry["rollout"] = rollout
                 entry["canary_weight"] = float(options.get("canary_weight", 0.1))
                 entry["unit_weight_bytes"] = [layer["weight_bytes"] for layer in job["profile"]]
+                # Kept for re-planning when agents join; None when the plan's shape was fixed by hand.
+                entry["profile"] = None if options.get("max_stages") else job["profile"]
                 entry["predicted"] = predicted
                 entry["tokenizer"] = job.get("tokenizer")
                 entry["canary"] = job.get("canary")
@@ -414,23 +462,12 @@ class CoordinatorRole:
         replicate the slowest stages. Benchmarks and tests use it to get a known shape.
         """
         alive = sorted(a for a in self.alive_agents() if not self._is_witness(a))
+        devices = self._planner_devices(alive)
         # The planner places unit groups, the units between two allowed cuts, so every stage
         # boundary it picks is an allowed cut. expand_stages maps the stages back to units.
         groups = unit_groups(len(job["profile"]), _allowed_cuts(job))
         merged = merge_profile(job["profile"], _allowed_cuts(job))
         layers = [Layer(l["name"], float(l["seconds"]), int(l["weight_bytes"]), int(l["output_bytes"])) for l in merged]
-        own_score = float(self.host.capabilities.get("total_gflops") or 1.0)
-        devices = []
-        for agent in alive:
-            caps = self._capabilities(agent)
-            score = float(caps.get("total_gflops") or own_score)
-            devices.append(Device(
-                id=agent,
-                speed=score / own_score,
-                memory_bytes=_available_memory(caps),
-                bandwidth_bytes_per_s=float(self.host.membership.bandwidth.get(agent, DEFAULT_BANDWIDTH)),
-                latency_s=max(self.host.membership.rtt_s.get(agent, DEFAULT_LATENCY_S) / 2, DEFAULT_LATENCY_S),
-            ))
         if not devices:
             raise PlanError("no alive agent can run segments (only witnesses are up)")
         max_stages = (options or {}).get("max_stages")
@@ -459,6 +496,47 @@ class CoordinatorRole:
                      "optimal": result.optimal, "lower_bound_s": result.lower_bound_s,
                      "profile_batch": job.get("profile_batch")}
         return placement, predicted
+
+    def _planner_devices(self, agents: list[str]) -> list[Device]:
+        """Describe agents to the planner: speed relative to this agent, free memory, link."""
+        own_score = float(self.host.capabilities.get("total_gflops") or 1.0)
+        devices = []
+        for agent in agents:
+            caps = self._capabilities(agent)
+            score = float(caps.get("total_gflops") or own_score)
+            devices.append(Device(
+                id=agent,
+                speed=score / own_score,
+                memory_bytes=_available_memory(caps),
+                bandwidth_bytes_per_s=float(self.host.membership.bandwidth.get(agent, DEFAULT_BANDWIDTH)),
+                latency_s=max(self.host.membership.rtt_s.get(agent, DEFAULT_LATENCY_S) / 2, DEFAULT_LATENCY_S),
+            ))
+        return devices
+
+    def _replan_for_join(self, entry: dict, placement: Placement, alive: set[str], plan_version: int) -> Placement | None:
+        """Return a better placement over the grown cluster, or None to keep the current one.
+
+        Only layer-strategy chains with a stored profile are re-planned; the planner keeps the
+        current plan unless the new one lowers the period by more than REPLAN_HYSTERESIS.
+        """
+        profile = entry.get("profile")
+        if not profile or entry.get("tasks") or entry.get("required_cuts") or entry.get("strategy", "layer") != "layer":
+            return None
+        agents = sorted(a for a in alive if not self._is_witness(a))
+        layers = [Layer(row["name"], float(row["seconds"]), int(row["weight_bytes"]), int(row["output_bytes"]))
+                  for row in profile]
+        previous = PlannerPlan(
+            period_s=placement.predicted_period_s, latency_s=placement.predicted_latency_s,
+            stages=tuple(PlannerStage(s.agents[0], s.first, s.last, tuple(s.agents[1:])) for s in placement.segments),
+            lower_bound_s=0.0, optimal=placement.optimal, planner_seconds=0.0)
+        result = replan(previous, self._planner_devices(agents), layers, hysteresis=REPLAN_HYSTERESIS,
+                        replicas=int(entry.get("replicas", 1)) > 1)
+        stages = [(stage.first_layer, stage.last_layer, stage.devices) for stage in result.stages]
+        if stages == [(s.first, s.last, s.agents) for s in placement.segments]:
+            return None
+        return placement_from_stages(
+            placement.model, placement.version, plan_version + 1, placement.unit_count, stages,
+            predicted_period_s=result.period_s, predicted_latency_s=result.latency_s, optimal=result.optimal)
 
     def deployment(self, deployment_id: str) -> Deployment | None:
         return self.deployments.get(deployment_id)

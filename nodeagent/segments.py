@@ -169,13 +169,14 @@ class SegmentHost:
         registry = self.host.registry()
         for name, model in registry["models"].items():
             for version, entry in model["versions"].items():
-                placement = entry.get("placement")
-                if not placement:
-                    continue
-                for segment in placement["segments"]:
-                    if self.host.node_id in segment["agents"]:
-                        key = (name, version, int(segment["first"]), int(segment["last"]))
-                        desired[key] = (entry["manifest"], int(placement["plan_version"]))
+                # A pending placement is loaded before it replaces the current one.
+                for placement in (entry.get("placement"), entry.get("pending_placement")):
+                    if not placement:
+                        continue
+                    for segment in placement["segments"]:
+                        if self.host.node_id in segment["agents"]:
+                            key = (name, version, int(segment["first"]), int(segment["last"]))
+                            desired[key] = (entry["manifest"], int(placement["plan_version"]))
         return desired
 
     def _reconcile(self) -> None:

@@ -139,3 +139,23 @@ def test_tracker_drops_duplicates_and_stale_progress() -> None:
     assert tracker.finish("r1") is None
     assert tracker.duplicates_dropped == 1
     assert tracker.progress("r1", 2, 1, "c", "b", now=4.0) is False
+
+
+def test_registry_pending_placement_swap() -> None:
+    value = _ready_registry()
+    pending = placement_from_stages("m", "v1", 5, 6, [(0, 2, ["a"]), (3, 5, ["b"])])
+    value = reg.set_pending_placement(value, pending)
+    assert value["plan_version"] == 5
+    assert reg.find_placement(value, "m", "v1") == _placement()
+    value = reg.promote_pending_placement(value, "m", "v1")
+    assert reg.find_placement(value, "m", "v1") == pending
+    assert value["models"]["m"]["versions"]["v1"]["pending_placement"] is None
+    with pytest.raises(reg.RegistryError, match="no pending placement"):
+        reg.promote_pending_placement(value, "m", "v1")
+
+
+def test_registry_pending_placement_cleared() -> None:
+    value = reg.set_pending_placement(_ready_registry(), placement_from_stages("m", "v1", 2, 6, [(0, 5, ["a"])]))
+    value = reg.set_pending_placement(value, None, name="m", version="v1")
+    assert value["models"]["m"]["versions"]["v1"]["pending_placement"] is None
+    assert reg.find_placement(value, "m", "v1") == _placement()

@@ -184,7 +184,7 @@ def _demo(args: argparse.Namespace, cluster: LocalCluster) -> dict:
             index = cluster.index_of(victim)
             pid = cluster.agents[index].process.pid
             cluster.signal_agent(index, signal.SIGKILL)
-            killed.update(node_id=victim, at_request=done)
+            killed.update(node_id=victim, at_request=done, at=time.monotonic())
             _say(args, f"chaos: sent SIGKILL to {victim} (pid {pid}) after {done} requests")
 
     async def send_all():
@@ -198,6 +198,11 @@ def _demo(args: argparse.Namespace, cluster: LocalCluster) -> dict:
     outputs, result = asyncio.run(send_all())
     result.max_abs_diff = _compare(outputs, reference, result)
 
+    if killed:
+        detected_s = _wait_declared_dead(cluster, victim, killed["at"])
+        if detected_s is not None:
+            _say(args, f"chaos: the failure detector declared {victim} dead {detected_s:.1f} s after the kill "
+                       f"(its links had dropped at once, so requests resumed before that)")
     final = cluster.get(0, "/v1/cluster")
     final_segments = cluster.get(0, f"/v1/models/{args.model}")["versions"][0]["segments"]
     if killed:
@@ -257,6 +262,16 @@ def _choose_victim(segments: list[dict], gateway: str, coordinator: str) -> str 
         candidates = [agent for agent in holders if agent not in avoid]
         if candidates:
             return candidates[len(candidates) // 2]
+    return None
+
+
+def _wait_declared_dead(cluster: LocalCluster, node_id: str, killed_at: float, timeout_s: float = 15.0) -> float | None:
+    """Return seconds from the kill until the gateway's view shows ``node_id`` dead, or None."""
+    deadline = killed_at + timeout_s
+    while time.monotonic() < deadline:
+        if _member_state(cluster.get(0, "/v1/cluster"), node_id) == "dead":
+            return time.monotonic() - killed_at
+        time.sleep(0.1)
     return None
 
 

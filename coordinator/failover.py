@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 GATEWAY_HOLDER = ""
-"""Holder id that stands for the gateway itself, which holds boundary 0 (the request's inputs)."""
+"""Holder id of the gateway itself, which keeps boundary 0 (the request's inputs)."""
 
 
 @dataclass
 class InflightRequest:
-    """What the gateway knows about one request that has not been answered yet."""
+    """Gateway state of one request that has no response yet."""
 
     request_id: str
     model: str
@@ -50,7 +50,7 @@ class InflightRequest:
     started: float
     attempt: int = 0
     route_agents: tuple[str, ...] = ()
-    # boundary -> agent that holds the activation at that boundary (GATEWAY_HOLDER for 0).
+    # boundary -> agent that keeps the activation at that boundary (GATEWAY_HOLDER for 0).
     holders: dict[int, str] = field(default_factory=lambda: {0: GATEWAY_HOLDER})
     last_event: float = 0.0
     # The agent the request is waiting on now: the next hop after the highest boundary reached.
@@ -63,7 +63,7 @@ class InflightRequest:
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """Where a request restarts: from ``boundary``, whose activation ``holder`` keeps."""
+    """Restart point of a request: ``boundary``, and the ``holder`` that keeps its activation."""
 
     boundary: int
     holder: str

@@ -81,6 +81,11 @@ def minilm_tokenize(
     if max_length < 2:
         raise ValueError(f"max_length={max_length} is too small: [CLS] and [SEP] alone take 2 tokens")
     tokenizer = Tokenizer.from_file(str((model_dir or minilm_model_dir()) / "tokenizer.json"))
+    return tokenize_batch(tokenizer, sentences, max_length, pad_to=pad_to)
+
+
+def tokenize_batch(tokenizer: Any, sentences: Sequence[str], max_length: int, *, pad_to: int | None = None) -> TensorDict:
+    """Tokenize with a loaded ``tokenizers.Tokenizer``; see ``minilm_tokenize`` for the layout."""
     tokenizer.enable_truncation(max_length=max_length)
     tokenizer.no_padding()
     encodings = tokenizer.encode_batch(list(sentences))

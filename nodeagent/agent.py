@@ -134,7 +134,6 @@ class Agent:
         self.admin_port = 0
         self.peer_port = 0
         self.metrics = None
-        self._registry_index = -1
         self.alerts_engine = None
 
     # ================================================================= views used by components

@@ -6,11 +6,11 @@ Every agent plays two parts here:
   route from the committed placement (each hop to the replica with the fewest outstanding
   requests), sends the inputs to the first hop and waits for exactly one result. Failover
   decisions are made by ``coordinator.failover.GatewayTracker``; see the essay there.
-- *Hop* for activations that other agents send it. It checks that it holds the segment under the
-  frame's plan version (else it refuses at once, so the gateway retries elsewhere), queues the
-  work on the segment's worker (micro-batching, priorities, off the event loop), keeps the output
-  until the gateway says the request is done, forwards it to the next hop and reports PROGRESS to
-  the gateway.
+- *Hop* for activations that other agents send it. It checks that it has the segment loaded
+  under the frame's plan version, and otherwise rejects the hop at once so the gateway retries
+  elsewhere. It queues the work on the segment's worker (micro-batching, priorities, off the
+  event loop) and keeps the output until the gateway reports the request done. It forwards the
+  output to the next hop and reports PROGRESS to the gateway.
 
 The coordinator is never on this path. Frames carry epoch, plan version, request id, attempt,
 hop index and the time left (``ttl_ms``, relative, so agents need no synchronised clocks).

@@ -234,7 +234,7 @@ class _Api:
     # ---- routes ----
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
-        # A draining agent answers 503 so that load balancers stop sending it new requests.
+        # A draining agent returns 503 so that load balancers stop sending it new requests.
         health = getattr(self.facade, "health", None)
         state = health() if callable(health) else "ok"
         return web.json_response({"status": state, "node_id": self.settings.node_id},

@@ -73,9 +73,6 @@ class Membership:
         report = self.reports.get(peer, {})
         return not report.get("wedged") and not report.get("draining")
 
-    def alive_members(self) -> list[str]:
-        return [peer for peer in self.host.links.members() if peer not in self.dead and peer not in self.left]
-
     # ----------------------------------------------------------------- loop
 
     async def run(self) -> None:
@@ -208,8 +205,8 @@ class Membership:
                                         (bytes(BANDWIDTH_PROBE_BYTES),), plane="data")
             self.host.role.member_report(peer)
         elif not self.host.links.connected(peer, "control") and peer not in self.left:
-            # The control link dropped (a killed process closes its sockets at once): treat the
-            # peer's in-flight work as lost now; the detector still decides if it is dead.
+            # The control link dropped, which happens at once when the peer's process is killed.
+            # Its in-flight work is resumed elsewhere now; the detector still decides if it is dead.
             self.host.dataplane.agent_lost(peer, "link dropped")
 
     async def announce_leave(self) -> None:

@@ -30,22 +30,6 @@ DEFAULT_DEADLINE_S = 30.0
 TOKENIZER_MAX_LENGTH = 128
 
 
-def tokenize(tokenizer, sentences: list[str], *, max_length: int) -> dict[str, torch.Tensor]:
-    """Tokenize a batch into int64 input_ids, attention_mask and token_type_ids, padded to the longest."""
-    tokenizer.enable_truncation(max_length=max_length)
-    tokenizer.no_padding()
-    encodings = tokenizer.encode_batch(list(sentences))
-    length = max(len(encoding.ids) for encoding in encodings)
-    shape = (len(encodings), length)
-    ids, mask, types = (torch.zeros(shape, dtype=torch.int64) for _ in range(3))
-    for row, encoding in enumerate(encodings):
-        n = len(encoding.ids)
-        ids[row, :n] = torch.tensor(encoding.ids)
-        mask[row, :n] = torch.tensor(encoding.attention_mask)
-        types[row, :n] = torch.tensor(encoding.type_ids)
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-
-
 def _facade_error(exc: RegistryError) -> facade.FacadeError:
     if exc.kind == "not_found":
         return facade.NotFound(str(exc))
@@ -304,7 +288,9 @@ class AgentService:
             tokenizer = Tokenizer.from_str(path.read_text())
             self._tokenizers[sha] = tokenizer
         # Tokenizing a large batch takes long enough to stall heartbeats: run it in a thread.
-        return await asyncio.to_thread(tokenize, tokenizer, text, max_length=TOKENIZER_MAX_LENGTH)
+        from coordinator.zoo import tokenize_batch
+
+        return await asyncio.to_thread(tokenize_batch, tokenizer, text, TOKENIZER_MAX_LENGTH)
 
     async def _route_units(self, name: str, version: str, entry: dict, task: str | None) -> tuple[int, ...] | None:
         """Check ``task`` against the version's heads; return the task's route units (None: no heads)."""

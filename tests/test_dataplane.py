@@ -26,6 +26,7 @@ from coordinator.placement import placement_from_stages
 from nodeagent.dataplane import DataPlane
 from nodeagent.http_infer import decode_msgpack_response
 from nodeagent.localcluster import LOCAL_TIMING, ClusterError, LocalCluster
+from nodeagent.demo import SENTENCES
 from nodeagent.worker import SegmentWorker
 from protocol.limits import Limits
 from protocol.messages import MsgType
@@ -37,18 +38,6 @@ CONCURRENCY = 16
 FORM_TIMEOUT_S = 60.0
 DEPLOY_TIMEOUT_S = 120.0
 
-SENTENCES = (
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The new movie is awesome.",
-    "A woman is playing the violin.",
-    "Two men pushed carts through the woods.",
-    "A man is riding a white horse on an enclosed ground.",
-    "The cat sits outside the house.",
-    "Agents pass activations to one another over mutual TLS.",
-    "It is raining heavily in the mountains tonight.",
-    "Shardmesh splits a model into segments across small machines.",
-)
 
 
 # ===================================================================== shared helpers

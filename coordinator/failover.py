@@ -55,6 +55,9 @@ class InflightRequest:
     last_event: float = 0.0
     # The agent the request is waiting on now: the next hop after the highest boundary reached.
     waiting_on: str | None = None
+    # Highest boundary reported in the current attempt. Reports come from different agents over
+    # different links, so an older one can arrive after a newer one and must not move waiting_on back.
+    reached: int = 0
     failovers: int = 0
     done: bool = False
     # Set while the request waits for a usable route (for example during a re-placement).
@@ -93,6 +96,7 @@ class GatewayTracker:
         request.attempt += 1
         request.route_agents = tuple(route_agents)
         request.waiting_on = request.route_agents[0] if request.route_agents else None
+        request.reached = -1
         request.last_event = now
         request.stalled_reason = ""
         return request.attempt
@@ -104,8 +108,10 @@ class GatewayTracker:
             return False
         request.holders[boundary] = holder
         if attempt == request.attempt:
-            request.waiting_on = next_agent
             request.last_event = now
+            if boundary > request.reached:
+                request.reached = boundary
+                request.waiting_on = next_agent
         return True
 
     def finish(self, request_id: str) -> InflightRequest | None:

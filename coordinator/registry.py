@@ -49,7 +49,20 @@ def empty_registry() -> dict:
 
 
 def normalize(value: Mapping | None) -> dict:
-    """Return a registry dict for a committed value, which is None before the first write."""
+    """Return a registry dict for a committed value, which is None before the first write.
+
+    The result is a deep copy that the caller may change (to build the next value).
+    """
+    return copy.deepcopy(dict(view(value)))
+
+
+def view(value: Mapping | None) -> Mapping:
+    """Return a committed value as a registry without copying it; the caller must not change it.
+
+    Each inference request resolves a version and a placement, and only reads the registry. A
+    deep copy of a registry with a few versions and their profiles would cost more than the rest
+    of the gateway's work on the request.
+    """
     if not value:
         return empty_registry()
     if value.get("format") != REGISTRY_FORMAT:
@@ -57,7 +70,7 @@ def normalize(value: Mapping | None) -> dict:
             f"registry format {value.get('format')!r} is not supported by this agent "
             f"(supports {REGISTRY_FORMAT}); upgrade the agent"
         )
-    return copy.deepcopy(dict(value))
+    return value
 
 
 def _model(registry: dict, name: str) -> dict:
@@ -247,7 +260,7 @@ def placements(registry: Mapping | None) -> list[Placement]:
 
 
 def find_placement(registry: Mapping | None, name: str, version: str) -> Placement | None:
-    entry = normalize(registry)["models"].get(name, {}).get("versions", {}).get(version)
+    entry = view(registry)["models"].get(name, {}).get("versions", {}).get(version)
     if not entry or not entry.get("placement"):
         return None
     return Placement.from_dict(entry["placement"])

@@ -32,6 +32,7 @@ import random
 import signal
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -97,6 +98,7 @@ class Agent:
         self.limits = Limits(max_payload_bytes=config.limits.max_tensor_bytes)
         self.started_unix = time.time()
         self.draining = False
+        self._placement_cache: tuple[object, dict] = (object(), {})
         self._stop = asyncio.Event()
         self._signals = 0
         self.exit_code = 0
@@ -153,10 +155,24 @@ class Agent:
         return self.election.leader_id == self.node_id and self.election.lease_valid(time.monotonic())
 
     def registry(self) -> dict:
+        """Return a copy of the committed registry that the caller may change."""
         return registry_ops.normalize(self.election.committed_value)
 
+    def registry_view(self) -> Mapping:
+        """Return the committed registry itself, without a copy, for readers that change nothing."""
+        return registry_ops.view(self.election.committed_value)
+
     def placement_for(self, model: str, version: str) -> Placement | None:
-        return registry_ops.find_placement(self.election.committed_value, model, version)
+        # Placements are parsed once per committed value: a commit replaces the value object, so
+        # holding a reference to the parsed one is enough to tell that the cache is current.
+        value = self.election.committed_value
+        if self._placement_cache[0] is not value:
+            self._placement_cache = (value, {})
+        cache = self._placement_cache[1]
+        key = (model, version)
+        if key not in cache:
+            cache[key] = registry_ops.find_placement(value, model, version)
+        return cache[key]
 
     def ready_placement(self, placement: Placement) -> Placement:
         """Return ``placement`` with each segment's agents cut to those that report it loaded.

@@ -110,7 +110,7 @@ class Membership:
         """This gateway's per-version counts, for the coordinator's canary rollback check."""
         if self.host.metrics is None:
             return {}
-        return version_summary(self.host.registry(), self.host.metrics.version_stats)
+        return version_summary(self.host.registry_view(), self.host.metrics.version_stats)
 
     def _apply(self, action, now: float) -> None:
         if isinstance(action, RequestProbe):

@@ -160,13 +160,28 @@ class PeerLinks:
     def members(self) -> list[str]:
         return sorted(peer.node_id for peer in self.peers.values() if peer.is_member)
 
-    async def send(self, peer_id: str, msg_type: MsgType, header: dict, buffers=(), *, plane: str = "control") -> None:
+    def _outbound(self, peer_id: str, plane: str):
         peer = self.peers.get(peer_id)
         conn = peer.outbound.get(plane) if peer else None
         if conn is None:
             raise PeerUnavailable(f"no {plane} connection to peer {peer_id}")
+        return conn
+
+    async def send(self, peer_id: str, msg_type: MsgType, header: dict, buffers=(), *, plane: str = "control") -> None:
+        conn = self._outbound(peer_id, plane)
         try:
             await conn.send(msg_type, header, buffers)
+        except (ConnectionClosed, ConnectionError, OSError) as exc:
+            raise PeerUnavailable(f"send to peer {peer_id} on {plane} plane failed: {exc}") from exc
+
+    def send_now(self, peer_id: str, msg_type: MsgType, header: dict, buffers=(), *, plane: str = "control") -> bool:
+        """Write a frame at once; return False when the link is congested and ``send`` must wait.
+
+        Raises PeerUnavailable when there is no connection or it is closed.
+        """
+        conn = self._outbound(peer_id, plane)
+        try:
+            return conn.send_now(msg_type, header, buffers)
         except (ConnectionClosed, ConnectionError, OSError) as exc:
             raise PeerUnavailable(f"send to peer {peer_id} on {plane} plane failed: {exc}") from exc
 

@@ -311,7 +311,7 @@ class SegmentHost:
         return list(self._segments)
 
     def _canary_sha(self, model: str, version: str) -> str | None:
-        entry = self.host.registry()["models"].get(model, {}).get("versions", {}).get(version) or {}
+        entry = self.host.registry_view()["models"].get(model, {}).get("versions", {}).get(version) or {}
         return entry.get("canary")
 
     async def _fetch_blob(self, sha: str):

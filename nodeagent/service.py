@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +179,8 @@ class AgentService:
             "versions": versions,
             "weights": dict(model["traffic"]),
             "previous_version": max(previous, key=previous.get) if previous else None,
-            "text_input": name.lower().startswith("minilm") or any(
-                "minilm" in v["source"] for v in model["versions"].values()),
+            # Text requests work for any version whose export shipped a tokenizer.
+            "text_input": any(bool(v.get("tokenizer")) for v in model["versions"].values()),
         }
 
     async def list_models(self) -> list[facade.ModelInfo]:
@@ -241,8 +242,9 @@ class AgentService:
 
     # ----------------------------------------------------------------- inference
 
-    def _resolve_version(self, name: str, version: str | None, request_key: str | None) -> tuple[str, dict]:
-        registry = self.host.registry()
+    def _resolve_version(self, name: str, version: str | None, request_key: str | None) -> tuple[str, Mapping]:
+        # Runs on every inference request: read the committed registry without copying it.
+        registry = self.host.registry_view()
         model = registry["models"].get(name)
         if model is None:
             raise facade.NotFound(f"model {name!r} not found", field="model", value=name,

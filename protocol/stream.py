@@ -327,6 +327,20 @@ class FrameConnection:
         self._write(pieces)
         await self._protocol.drain()
 
+    def send_now(
+        self, msg_type: int, header: dict[str, Any], buffers: Iterable[bytes | bytearray | memoryview] = ()
+    ) -> bool:
+        """Write one frame at once, without a task or an await; return False to say "use send".
+
+        False means the write buffer is above the high-water mark, so the caller must wait in
+        ``send`` for the buffer to drain rather than queue more. The frame is not written then.
+        Raises ConnectionClosed if the connection is closed.
+        """
+        if self._protocol._writing_paused:
+            return False
+        self._write(encode_frame(msg_type, header, buffers, limits=self.limits, version=self.version or 1))
+        return True
+
     async def send_tensors(self, msg_type: int, header: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
         """Send `tensors` in one frame; their metadata goes in the header under "tensors"."""
         meta, buffers = encode_tensors(tensors)

@@ -218,6 +218,9 @@ class _Agent:
     def registry(self) -> dict:
         return self._registry
 
+    def registry_view(self) -> dict:
+        return self._registry
+
 
 def _agent_with(exported: Exported, root: Path) -> tuple[_Agent, tuple[str, str, int, int]]:
     last = len(exported.manifest.units) - 1

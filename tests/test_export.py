@@ -263,6 +263,34 @@ def test_check_inputs_names_dtype_and_shape(minilm: Exported) -> None:
         check_inputs(minilm.manifest, uneven)
 
 
+def test_unit_checks_shape_bounds(minilm: Exported) -> None:
+    embeddings, layer = minilm.single[0].units[0], minilm.single[1].units[0]
+    # Every MiniLM unit has plain shape rules, so it skips the exported module's pre-hooks.
+    assert embeddings.rules is not None and layer.rules is not None
+    assert any(rule.high == 512 for rule in embeddings.rules)
+    too_long = zoo.minilm_tokenize(["x " * 600], max_length=600)
+    with pytest.raises(InputError, match=r"dimension 1 is 600, above the largest size the exported model accepts \(512\)"):
+        minilm.single[0].run(too_long)
+    hidden = torch.randn(2, 7, 384)
+    mask = torch.ones(2, 6, dtype=torch.int64)
+    with pytest.raises(InputError, match=r"'attention_mask' dimension 1 is 6, but input 'hidden.0' dimension 1 is 7"):
+        minilm.single[1].run({"hidden.0": hidden, "attention_mask": mask})
+
+
+def test_broadcast_mask_equals_model_mask(minilm: Exported) -> None:
+    from transformers.masking_utils import create_bidirectional_mask
+
+    layer_unit = minilm.spec.units[1].module
+    assert layer_unit.config._attn_implementation == "sdpa"
+    inputs = zoo.minilm_tokenize(["a much longer sentence than the other", "short", "mid length one"])
+    hidden = minilm.spec.units[0].module(inputs["input_ids"], inputs["token_type_ids"])
+    full = create_bidirectional_mask(config=layer_unit.config, inputs_embeds=hidden, attention_mask=inputs["attention_mask"])
+    broadcast = inputs["attention_mask"][:, None, None, :].to(torch.bool)
+    assert torch.equal(full, broadcast.expand_as(full))
+    with torch.no_grad():
+        assert torch.equal(layer_unit(hidden, inputs["attention_mask"]), layer_unit.layer(hidden, full))
+
+
 def test_segment_checks_activation_shape(efficientnet: Exported) -> None:
     wrong = {"features.3": torch.randn(2, 24, 56, 57)}
     with pytest.raises(InputError, match=r"input 'features.3' got shape \[2, 24, 56, 57\], expected \[\*, 24, 56, 56\]"):

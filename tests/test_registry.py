@@ -122,6 +122,19 @@ def test_tracker_resumes_from_highest_usable_boundary() -> None:
     assert (point.boundary, point.holder) == (0, GATEWAY_HOLDER)
 
 
+def test_tracker_crossed_progress_reports() -> None:
+    tracker = GatewayTracker()
+    tracker.start("r1", "m", "v1", now=0.0, deadline=10.0)
+    tracker.launched("r1", ["a", "b", "c"], now=0.0)
+    # The second hop's report overtakes the first hop's on another link.
+    tracker.progress("r1", 1, 4, "b", "c", now=0.2)
+    tracker.progress("r1", 1, 2, "a", "b", now=0.3)
+    request = tracker.get("r1")
+    assert request.waiting_on == "c"
+    assert request.holders == {0: GATEWAY_HOLDER, 2: "a", 4: "b"}
+    assert request.last_event == 0.3
+
+
 def test_tracker_drops_duplicates_and_stale_progress() -> None:
     tracker = GatewayTracker()
     tracker.start("r1", "m", "v1", now=0.0, deadline=1.0)

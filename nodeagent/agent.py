@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -322,6 +323,10 @@ class Agent:
     async def run(self) -> int:
         """Start every component, serve until a stop is requested, then shut down in steps."""
         loop = asyncio.get_running_loop()
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(self.config.runtime.switch_interval_ms / 1000.0)
+        logger.info("thread switch interval %.2f ms (was %.2f ms) node=%s",
+                    self.config.runtime.switch_interval_ms, previous * 1000.0, self.node_id)
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, self._record_signal, sig)

@@ -463,29 +463,40 @@ class DataPlane:
         if ttl <= 0:
             logger.info("dropping expired activation rid=%s hop=%d", header.get("rid"), hop_index)
             return
-        self._spawn(self._run_hop(header, hop_index, hop, segment, tensors, time.monotonic() + ttl))
+        self._run_hop(header, hop_index, hop, segment, tensors, time.monotonic() + ttl)
 
-    async def _run_hop(self, header: dict, hop_index: int, hop: Hop, segment, tensors, deadline: float) -> None:
+    def _run_hop(self, header: dict, hop_index: int, hop: Hop, segment, tensors, deadline: float) -> None:
+        """Queue the hop on its segment's worker; ``_hop_done`` continues with the worker's result.
+
+        No task per hop: the worker calls back on this loop, which saves a task and a loop pass on
+        each side of the segment run.
+        """
         request_id = header["rid"]
         try:
             task = header.get("task")
             if task is not None and not isinstance(task, str):
                 raise ValueError(f"activation field task is {task!r}; expected a task name or null")
             worker = segment.worker if task is None else segment.worker_for(task)
-            outputs = await worker.submit(
+            worker.submit_nowait(
                 tensors, priority=header.get("prio", "normal"), deadline=deadline, request_id=request_id,
+                on_done=lambda outputs, error: self._hop_done(header, hop_index, segment, deadline, outputs, error),
             )
-        except (QueueFull, WorkerClosed) as exc:
+        except Exception as exc:  # rejected before it was queued: same handling as a failed run
+            self._hop_done(header, hop_index, segment, deadline, None, exc)
+
+    def _hop_done(self, header: dict, hop_index: int, segment, deadline: float, outputs, error) -> None:
+        request_id = header["rid"]
+        if isinstance(error, (QueueFull, WorkerClosed)):
             # Backpressure, or the segment was unloaded (re-placement, failed canary): refuse the
             # hop so the gateway retries on another replica or after the reload.
-            self._refuse(header, str(exc))
+            self._refuse(header, str(error))
             return
-        except WorkerDeadline:
+        if isinstance(error, WorkerDeadline):
             logger.info("hop passed its deadline in the queue rid=%s segment=%s", request_id, segment.key)
             return
-        except Exception as exc:  # the segment rejected this input or failed on it
-            logger.warning("segment run failed rid=%s segment=%s: %s", request_id, segment.key, exc)
-            self._send_result(header, None, error=f"{type(exc).__name__}: {exc}")
+        if error is not None:  # the segment rejected this input or failed on it
+            logger.warning("segment run failed rid=%s segment=%s: %s", request_id, segment.key, error)
+            self._send_result(header, None, error=f"{type(error).__name__}: {error}")
             return
         self.counters["hops_run"] += 1
         route = header["route"]

@@ -159,8 +159,13 @@ class _Request:
     submitted_at: float
     deadline: float | None
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[dict[str, torch.Tensor]]
+    # Exactly one of the two receives the result: the future of `submit`, or the callback of
+    # `submit_nowait`, called on `loop` with (outputs, None) or (None, error).
+    future: asyncio.Future[dict[str, torch.Tensor]] | None
+    callback: Callable[[dict[str, torch.Tensor] | None, BaseException | None], None] | None = None
+    timer: asyncio.TimerHandle | None = None
     completed: bool = False
+    delivered: bool = False
 
 
 @dataclass(slots=True)
@@ -242,6 +247,51 @@ class SegmentWorker:
         `time.monotonic()` seconds. Raises `QueueFull`, `DeadlineExceeded`, `SegmentRunError`,
         `WorkerClosed`, or `ValueError`/`TypeError` for invalid inputs.
         """
+        loop = asyncio.get_running_loop()
+        request = self._enqueue(tensors, priority, deadline, request_id, loop.create_future(), None)
+        # A timer, not asyncio.wait: the result then wakes this task directly, one loop pass
+        # sooner, which is a measurable part of a hop on a small segment.
+        self._arm_deadline(request)
+        try:
+            assert request.future is not None
+            return await request.future
+        except asyncio.CancelledError:
+            # Cancelled by the caller, not by _deliver or _expire, which set a result or an error.
+            self._abandon(request, cancelled=True)
+            raise
+        finally:
+            if request.timer is not None:
+                request.timer.cancel()
+
+    def submit_nowait(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        priority: str | Priority = "normal",
+        deadline: float | None = None,
+        request_id: str,
+        on_done: Callable[[dict[str, torch.Tensor] | None, BaseException | None], None],
+    ) -> None:
+        """Queue one request and return at once; ``on_done(outputs, error)`` runs later on this loop.
+
+        ``on_done`` runs exactly once, with the outputs or with the error that `submit` would
+        raise after queueing. Errors found before queueing (`QueueFull`, `WorkerClosed`, an
+        expired deadline, invalid inputs) are raised here instead. A hop uses this form: it needs
+        no task of its own, and the result reaches it one loop pass sooner.
+        """
+        request = self._enqueue(tensors, priority, deadline, request_id, None, on_done)
+        self._arm_deadline(request)
+
+    def _enqueue(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        priority: str | Priority,
+        deadline: float | None,
+        request_id: str,
+        future: asyncio.Future | None,
+        callback: Callable[[dict[str, torch.Tensor] | None, BaseException | None], None] | None,
+    ) -> _Request:
+        """Check and queue one request (the shared part of `submit` and `submit_nowait`)."""
         prio = Priority.parse(priority)
         rows, key = self._describe_inputs(tensors, request_id)
         loop = asyncio.get_running_loop()
@@ -251,9 +301,7 @@ class SegmentWorker:
                 self._counters.expired += 1
             raise DeadlineExceeded(self.name, request_id, "before it was queued")
 
-        request = _Request(
-            request_id, dict(tensors), rows, now, deadline, loop, loop.create_future()
-        )
+        request = _Request(request_id, dict(tensors), rows, now, deadline, loop, future, callback)
         with self._cond:
             if self._closed:
                 raise WorkerClosed(self.name, request_id)
@@ -268,27 +316,18 @@ class SegmentWorker:
                 raise
             self._pending[id(request)] = request
             self._cond.notify()
+        return request
 
-        # A timer, not asyncio.wait: the result then wakes this task directly, one loop pass
-        # sooner, which is a measurable part of a hop on a small segment.
-        timer = None
-        if deadline is not None:
-            timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, request)
-        try:
-            return await request.future
-        except asyncio.CancelledError:
-            # Cancelled by the caller, not by _settle or _expire, which set a result or an error.
-            self._abandon(request, cancelled=True)
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
+    def _arm_deadline(self, request: _Request) -> None:
+        if request.deadline is not None:
+            delay = max(0.0, request.deadline - time.monotonic())
+            request.timer = request.loop.call_later(delay, self._expire, request)
 
     def _expire(self, request: _Request) -> None:
         """Fail a request whose deadline passed while it was queued or running (on its loop)."""
-        if self._abandon(request, cancelled=False) and not request.future.done():
-            request.future.set_exception(DeadlineExceeded(self.name, request.request_id, "while queued or running"))
-        # Otherwise the worker thread completed it just in time and _settle is already scheduled.
+        if self._abandon(request, cancelled=False):
+            _deliver(request, None, DeadlineExceeded(self.name, request.request_id, "while queued or running"))
+        # Otherwise the worker thread completed it just in time and _deliver is already scheduled.
 
     def close(self, *, drain: bool = False) -> None:
         """Stop accepting requests and stop the thread once its current batch ends.
@@ -582,7 +621,7 @@ class SegmentWorker:
             elif isinstance(error, DeadlineExceeded):
                 self._counters.expired += 1
         try:
-            request.loop.call_soon_threadsafe(_settle, request.future, outputs, error)
+            request.loop.call_soon_threadsafe(_deliver, request, outputs, error)
         except RuntimeError:
             # The caller's loop is closed, so no caller waits for this result.
             logger.debug("segment %s: loop of request %s is closed; result dropped",
@@ -594,12 +633,21 @@ class SegmentWorker:
         self._pending.pop(id(request), None)
 
 
-def _settle(
-    future: asyncio.Future[dict[str, torch.Tensor]],
-    outputs: dict[str, torch.Tensor] | None,
-    error: BaseException | None,
-) -> None:
-    if future.done():
+def _deliver(request: _Request, outputs: dict[str, torch.Tensor] | None, error: BaseException | None) -> None:
+    """Hand a request its one result on its own loop, through its future or its callback."""
+    if request.delivered:
+        return
+    request.delivered = True
+    if request.timer is not None:
+        request.timer.cancel()
+    if request.callback is not None:
+        try:
+            request.callback(outputs, error)
+        except Exception:  # the callback is the caller's code; the worker must not die of it
+            logger.exception("result callback of request %s failed", request.request_id)
+        return
+    future = request.future
+    if future is None or future.done():
         return
     if error is not None:
         future.set_exception(error)

@@ -344,6 +344,42 @@ async def test_worker_deadline_while_queued(make_worker: WorkerFactory) -> None:
     await running
 
 
+async def test_worker_submit_nowait_callbacks(make_worker: WorkerFactory) -> None:
+    gate = threading.Event()
+    worker = make_worker(gated_run_fn(gate), gate=gate, max_batch_size=1)
+    results: dict[str, tuple] = {}
+
+    def recorder(request_id: str):
+        def on_done(outputs, error) -> None:
+            assert threading.get_ident() == loop_thread, "callback ran off the event loop thread"
+            assert request_id not in results, f"callback of {request_id} ran twice"
+            results[request_id] = (outputs, error)
+
+        return on_done
+
+    loop_thread = threading.get_ident()
+    worker.submit_nowait({"x": torch.zeros(1, 1)}, request_id="n0", on_done=recorder("n0"))
+    await wait_until(lambda: worker.stats().running == 1)
+    started = time.monotonic()
+    worker.submit_nowait({"x": torch.ones(1, 1)}, deadline=started + 0.1, request_id="n1", on_done=recorder("n1"))
+    await wait_until(lambda: "n1" in results)
+    assert time.monotonic() - started >= 0.09
+    assert results["n1"][0] is None
+    assert isinstance(results["n1"][1], DeadlineExceeded)
+
+    gate.set()
+    await wait_until(lambda: "n0" in results)
+    outputs, error = results["n0"]
+    assert error is None
+    assert torch.equal(outputs["y"], torch.ones(1, 1))
+    # Errors found before queueing are raised at once, and the callback never runs.
+    with pytest.raises(DeadlineExceeded):
+        worker.submit_nowait({"x": torch.zeros(1, 1)}, deadline=time.monotonic() - 1, request_id="n2",
+                             on_done=recorder("n2"))
+    await asyncio.sleep(0.05)
+    assert "n2" not in results
+
+
 async def test_worker_cancel_removes_request(make_worker: WorkerFactory) -> None:
     gate = threading.Event()
     worker = make_worker(gated_run_fn(gate), gate=gate, max_batch_size=1)

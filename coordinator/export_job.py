@@ -63,8 +63,8 @@ def build_spec(source: str, *, split_prefix: str | None = None, split_depth: int
 
         return hf.build_source(source[len("hf:"):])
     raise ValueError(
-        f"unknown model source {source!r}; expected one of {', '.join(PACKAGED_SOURCES)} "
-        f", factory:package.module:function, exported:/abs/path/model.pt2 or hf:/abs/path/model-dir"
+        f"unknown model source {source!r}; expected one of {', '.join(PACKAGED_SOURCES)}, "
+        f"factory:package.module:function, exported:/abs/path/model.pt2 or hf:/abs/path/model-dir"
     )
 
 

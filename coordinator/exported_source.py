@@ -130,6 +130,9 @@ def load_program(path_text: str) -> torch.export.ExportedProgram:
     if not path.is_absolute():
         raise SpecError(f"exported model path {path_text!r} is relative; give an absolute path "
                         f"({SOURCE_PREFIX}/abs/path/model.pt2) because the export job runs in another directory")
+    if path.is_dir():
+        raise SpecError(f"exported model path {path} is a directory; give the .pt2 file that torch.export.save wrote "
+                        f"(a Hugging Face directory deploys as hf:{path})")
     if not path.is_file():
         raise SpecError(f"exported model file {path} not found; write it with torch.export.save and give its path")
     if not zipfile.is_zipfile(path):

@@ -229,11 +229,11 @@ def rollback(registry: Mapping, name: str) -> dict:
 
 
 def delete_version(registry: Mapping, name: str, version: str) -> dict:
-    """Remove a version that carries no traffic; the model goes when its last version goes."""
+    """Remove a version that carries no traffic, or the model's last version with the model itself."""
     result = normalize(registry)
     model = _model(result, name)
     _version(result, name, version)
-    if model["traffic"].get(version, 0) > 0:
+    if model["traffic"].get(version, 0) > 0 and len(model["versions"]) > 1:
         raise RegistryError(
             f"version {version!r} of model {name!r} still receives traffic "
             f"(weight {model['traffic'][version]}); move its traffic first with "

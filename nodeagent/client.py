@@ -1,4 +1,4 @@
-"""Admin API client and the `shardmesh status | deploy | infer | traffic | rollback` commands.
+"""Admin API client and the `shardmesh status | deploy | infer | traffic | rollback | delete` commands.
 
 The commands talk to one agent's admin endpoint over HTTP; the agent forwards writes to the
 coordinator itself, so any agent's URL works. The URL comes from, in order: `--url`, the
@@ -420,6 +420,20 @@ def cmd_traffic(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    client = resolve_connection(args)
+    path = f"/v1/models/{urllib.parse.quote(args.name, safe='')}/versions/{urllib.parse.quote(args.version, safe='')}"
+    model = client.request("DELETE", path)
+    if not model.get("versions"):
+        if args.json:
+            print(json.dumps(model))
+        else:
+            _console().print(f"{args.name} {args.version} deleted; it was the model's last version, so the model is gone")
+        return EXIT_OK
+    _print_model(args, model, f"{args.name} {args.version} deleted")
+    return EXIT_OK
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
     client = resolve_connection(args)
     model = client.request("POST", f"/v1/models/{urllib.parse.quote(args.name, safe='')}/rollback")
@@ -458,7 +472,7 @@ def _connection_options() -> argparse.ArgumentParser:
 
 
 def add_subcommands(subparsers: Any) -> None:
-    """Register status, deploy, infer, traffic and rollback; each sets `func` to its handler."""
+    """Register status, deploy, infer, traffic, rollback and delete; each sets `func` to its handler."""
     common = [_connection_options()]
 
     status = subparsers.add_parser("status", parents=common, help="show members, models and alarms")
@@ -498,3 +512,9 @@ def add_subcommands(subparsers: Any) -> None:
                                      help="give the previous version all traffic again")
     rollback.add_argument("name", help="model name")
     rollback.set_defaults(func=_run(cmd_rollback))
+
+    delete = subparsers.add_parser("delete", parents=common,
+                                   help="delete a model version that receives no traffic, or the model's last version")
+    delete.add_argument("name", help="model name")
+    delete.add_argument("--version", required=True, help="version to delete")
+    delete.set_defaults(func=_run(cmd_delete))

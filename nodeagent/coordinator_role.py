@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import sys
 import tempfile
 import time
@@ -432,10 +433,15 @@ class CoordinatorRole:
     def start_deploy(self, *, name: str, version: str, source: str, rollout: str, replicas: int, options: dict) -> Deployment:
         if not self.active:
             raise NotCoordinatorError(self.host.leader_id)
-        registry = self.host.registry()
+        registry = self.host.registry_view()
         if version in registry["models"].get(name, {}).get("versions", {}):
             raise registry_ops.RegistryError(
                 f"version {version!r} of model {name!r} already exists; pick a new version name", kind="conflict")
+        try:
+            check_deploy_options(source, rollout, options)
+        except ValueError as exc:
+            logger.info("deploy rejected model=%s version=%s: %s", name, version, exc)
+            raise registry_ops.RegistryError(str(exc), kind="invalid") from None
         deployment = Deployment(uuid.uuid4().hex[:12], name, version, started=time.monotonic())
         self.deployments[deployment.id] = deployment
         task = asyncio.get_running_loop().create_task(
@@ -643,6 +649,57 @@ def _allowed_cuts(job: dict) -> list[int]:
     if cuts is None:
         return list(range(unit_count - 1))
     return sorted({int(cut) for cut in cuts if 0 <= int(cut) < unit_count - 1})
+
+
+# Every deploy option, with what it does: an unknown key (often a typo) is an error, not a no-op.
+DEPLOY_OPTIONS = {
+    "max_stages": "use at most this many agents, the first in id order (benchmarks, tests)",
+    "segmentation": "layer (cut at any unit) or block (cut only between groups of blocks)",
+    "block_size": "with segmentation block: blocks per group",
+    "block_prefix": "with segmentation block: the unit name prefix of the blocks",
+    "split_prefix": "exported: sources: the module whose numbered children become units",
+    "split_depth": "exported: sources: one unit per module path cut to this many parts",
+    "canary_weight": "with strategy canary: the traffic share the new version starts with",
+    **{key: "with strategy canary: an automatic rollback limit" for key in canary.POLICY_OPTIONS},
+}
+_PATH_SOURCES = ("exported:", "hf:")
+
+
+def check_deploy_options(source: str, rollout: str, options: dict) -> None:
+    """Raise ValueError naming the first deploy option that is unknown, invalid or does not apply.
+
+    Runs when the deploy is submitted, so a typo gets a 400 at once instead of a deploy that
+    silently ignores it. The coordinator also checks that a path source exists on its disk.
+    """
+    unknown = sorted(set(options) - set(DEPLOY_OPTIONS))
+    if unknown:
+        raise ValueError(f"options.{unknown[0]} is not a deploy option; known options: {', '.join(sorted(DEPLOY_OPTIONS))}")
+    if options.get("segmentation", "layer") != "block":
+        for key in ("block_size", "block_prefix"):
+            if key in options:
+                raise ValueError(f"options.{key} applies only with options.segmentation \"block\"; remove it or set segmentation")
+    _segmentation_arguments(options)
+    split_arguments(source, options)
+    canary_keys = ["canary_weight", *canary.POLICY_OPTIONS]
+    if rollout != "canary":
+        for key in canary_keys:
+            if key in options:
+                raise ValueError(f"options.{key} applies only to strategy \"canary\", but the strategy is {rollout!r}")
+    weight = options.get("canary_weight", 0.1)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
+        raise ValueError(f"options.canary_weight is {weight!r}; use a number above 0 and at most 1")
+    canary.policy_from_options(options)
+    max_stages = options.get("max_stages")
+    if max_stages is not None and (isinstance(max_stages, bool) or not isinstance(max_stages, int) or max_stages < 1):
+        raise ValueError(f"options.max_stages is {max_stages!r}; use an integer >= 1")
+    for prefix in _PATH_SOURCES:
+        if source.startswith(prefix):
+            path = Path(source[len(prefix):])
+            if not path.is_absolute():
+                raise ValueError(f"source {source!r} needs an absolute path on the coordinator, such as {prefix}/srv/models/x")
+            if not path.exists():
+                raise ValueError(f"source {source!r}: {path} does not exist on the coordinator ({socket.gethostname()}), "
+                                 f"which runs the export; copy the model to that path there")
 
 
 def _segmentation_arguments(options: dict) -> list[str]:

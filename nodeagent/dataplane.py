@@ -353,7 +353,8 @@ class DataPlane:
                 else:
                     error = InferenceError(
                         f"request {request.request_id} passed its deadline waiting on agent "
-                        f"{request.waiting_on or 'unknown'} after {request.attempt} attempt(s)",
+                        f"{request.waiting_on or 'unknown'} after {request.attempt} attempt(s); "
+                        f"allow more time (deadline_ms) or retry",
                         status=504, request_id=request.request_id)
                 logger.warning("request failed rid=%s: %s", request.request_id, error)
                 state.future.set_exception(error)

@@ -336,8 +336,13 @@ class AgentService:
                 task=request.task, route_units=route_units)
         except InferenceError as exc:
             if exc.status == 500:
+                hint = ""
+                if "IndexError" in str(exc):
+                    # An embedding lookup past its table: token or class ids the model does not know.
+                    hint = (" An integer input holds a value outside the model's range, for example a token id "
+                            "at or above the vocabulary size or below 0.")
                 raise facade.BadRequest(
-                    f"the model rejected these inputs: {exc}. Check them against the model's "
+                    f"the model rejected these inputs: {exc}.{hint} Check them against the model's "
                     f"input spec (GET /v1/models/{request.model}) and its limits, such as a maximum "
                     f"sequence length", status=422, field="inputs") from exc
             error = (facade.DeadlineExceeded(str(exc)) if exc.status == 504

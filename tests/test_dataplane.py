@@ -286,6 +286,13 @@ def test_http_bad_inputs_rejected_agent_stays_up(three_way, inputs, reference) -
         assert status == expected_status, body
         assert body["error"]["field"] == expected_field, body
 
+    # A deploy with a mistyped option is rejected at once, on an agent that is not the coordinator too.
+    for agent in (0, 1):
+        status, body = cluster.request(agent, "POST", "/v1/models", {
+            "name": "minilm", "version": f"typo-{agent}", "source": "minilm", "options": {"segmentaton": "block"}})
+        assert status == 400, body
+        assert "options.segmentaton is not a deploy option" in body["error"]["message"], body
+
     assert cluster.agents[1].running
     outcomes = asyncio.run(send_requests(infer_url(cluster, 1), inputs, 4))
     failures, worst = check_outputs(outcomes, inputs, reference)

@@ -192,6 +192,11 @@ def test_missing_file(tmp_path: Path) -> None:
         build_exported_spec(str(path))
 
 
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=f"{tmp_path} is a directory; give the .pt2 file"):
+        build_exported_spec(str(tmp_path))
+
+
 def test_relative_path() -> None:
     with pytest.raises(SpecError, match="'model.pt2' is relative"):
         build_exported_spec("model.pt2")

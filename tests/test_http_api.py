@@ -784,6 +784,16 @@ async def test_client_traffic_and_rollback(serve: Start, capsys: pytest.CaptureF
     assert "409" in capsys.readouterr().err
 
 
+async def test_client_delete_version(serve: Start, capsys: pytest.CaptureFixture[str]) -> None:
+    base = await serve()
+    assert await run_cli("traffic", "double", "v1=1", "v2=0", "--url", base, "--json") == 0
+    capsys.readouterr()
+    assert await run_cli("delete", "double", "--version", "v2", "--url", base, "--json") == 0
+    assert [v["version"] for v in json.loads(capsys.readouterr().out)["versions"]] == ["v1"]
+    assert await run_cli("delete", "double", "--version", "v9", "--url", base) == 1
+    assert "404" in capsys.readouterr().err
+
+
 async def test_client_infer_text(serve: Start, capsys: pytest.CaptureFixture[str]) -> None:
     base = await serve()
     assert await run_cli("infer", "embed", "--text", "abc", "--text", "hello", "--url", base, "--json") == 0

@@ -92,6 +92,9 @@ def test_registry_canary_and_rollback() -> None:
     value = reg.delete_version(value, "m", "v2")
     assert list(value["models"]["m"]["versions"]) == ["v1"]
     assert "v2" not in value["models"]["m"]["previous_traffic"]
+    # The last version goes with its traffic, and the model with it.
+    value = reg.delete_version(value, "m", "v1")
+    assert "m" not in value["models"]
 
 
 def test_registry_operations_do_not_mutate_input() -> None:

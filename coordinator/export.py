@@ -828,6 +828,9 @@ class Segment:
                 )
             self.units.append(unit)
         self.input_specs = {name: manifest.tensor_spec(name) for name in segment_inputs(manifest, first)}
+        # Per task: (names the segment needs, names it returns). Both walk the unit graph, so they
+        # are computed once rather than on every run.
+        self._names: dict[str | None, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         logger.info("loaded segment %d..%d of model %s (%d units)", first, last, manifest.model, len(self.units))
 
     @property
@@ -836,7 +839,18 @@ class Segment:
 
     def outputs(self, task: str | None = None) -> tuple[str, ...]:
         """Return the names this segment returns: those live after its last unit."""
-        return live_names(self.manifest, self.last, task)
+        return self._route_names(task)[1]
+
+    def _route_names(self, task: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        names = self._names.get(task)
+        if names is None:
+            what = f"segment {self.first}..{self.last} of model {self.manifest.model!r}"
+            if task is not None and self.first not in route_for_task(self.manifest, task):
+                raise InputError(f"{what}: task {task!r} does not visit this segment")
+            needed = segment_inputs(self.manifest, self.first, task) if task is not None else self.inputs
+            names = (needed, live_names(self.manifest, self.last, task))
+            self._names[task] = names
+        return names
 
     @property
     def weight_bytes(self) -> int:
@@ -844,12 +858,10 @@ class Segment:
 
     def run(self, tensors: Mapping[str, torch.Tensor], task: str | None = None) -> TensorDict:
         """Run the segment and return only the tensors live after its last unit."""
-        what = f"segment {self.first}..{self.last} of model {self.manifest.model!r}"
-        if task is not None and self.first not in route_for_task(self.manifest, task):
-            raise InputError(f"{what}: task {task!r} does not visit this segment")
-        needed = segment_inputs(self.manifest, self.first, task) if task is not None else self.inputs
-        check_tensors(self.input_specs, tensors, what=what, only=needed)
+        needed, outputs = self._route_names(task)
+        check_tensors(self.input_specs, tensors, what=f"segment {self.first}..{self.last} of model {self.manifest.model!r}",
+                      only=needed)
         env: TensorDict = {name: tensors[name] for name in needed}
         for unit in self.units:
             env.update(unit(env))
-        return {name: env[name] for name in self.outputs(task)}
+        return {name: env[name] for name in outputs}

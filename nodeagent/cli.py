@@ -261,7 +261,8 @@ def _add_tool_parsers(sub) -> None:
     demo.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
     demo.add_argument("--chaos", action="store_true", help="SIGKILL a segment-holding agent mid-run")
     demo.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
-    demo.add_argument("--keep", action="store_true", help="keep the temporary directory (logs) after the run")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory (agent logs and data) after the run; "
+                      "the agents themselves are stopped")
     demo.set_defaults(func=cmd_demo)
 
 

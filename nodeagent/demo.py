@@ -217,8 +217,11 @@ def _demo(args: argparse.Namespace, cluster: LocalCluster) -> dict:
     period = predicted.get("period_s")
     predicted_rps = (predicted.get("profile_batch") or 1) / period if period else None
     _say(args, f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms; measured throughput {throughput:.1f} requests/s "
-               f"at concurrency {args.concurrency}; the planner predicts {predicted_rps or 0:.1f} items/s "
-               f"at its profiled batch of {predicted.get('profile_batch')}")
+               f"of one item each at concurrency {args.concurrency}")
+    if predicted_rps:
+        _say(args, f"the planner's bound for this placement is {predicted_rps:.1f} items/s: model compute and "
+                   f"transfers only, from unit profiles at a batch of {predicted.get('profile_batch')}. The measured "
+                   f"rate also pays for the HTTP client, the gateway and framing on this machine's shared cores")
     _say(args, f"max abs difference against the whole model: {result.max_abs_diff:.2e} (limit {MAX_ABS_DIFF:g})")
     for error in result.errors[:5]:
         _say(args, f"  error: {error}")
@@ -314,6 +317,12 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"shardmesh demo: kept {cluster.root}", file=sys.stderr)
         else:
             shutil.rmtree(cluster.root, ignore_errors=True)
+    if summary is not None:
+        verdict = "PASS" if code == 0 else "FAIL"
+        # With --json, stdout carries only the JSON summary, so the verdict goes to stderr.
+        print(f"{verdict}: {summary['requests'] - summary['failed']} of {summary['requests']} requests answered, "
+              f"max abs difference {summary['max_abs_diff']:.2e} against the whole model (limit {MAX_ABS_DIFF:g})",
+              file=sys.stderr if args.json else sys.stdout, flush=True)
     if summary is not None and args.json:
         print(json.dumps(summary), flush=True)
     return code

@@ -136,6 +136,10 @@ class SegmentHost:
     def kick(self) -> None:
         self._kick.set()
 
+    def cached_manifest(self, sha: str) -> Manifest | None:
+        """Return a manifest this agent has already parsed, without fetching anything."""
+        return self._manifests.get(sha)
+
     async def manifest(self, sha: str) -> Manifest:
         """Return a parsed manifest, fetching its blob from peers when needed."""
         cached = self._manifests.get(sha)

@@ -155,13 +155,18 @@ class AgentService:
         versions = []
         for version, entry in sorted(model["versions"].items()):
             placement = entry.get("placement") or {"segments": []}
+            # Unit names when this agent has parsed the manifest (it has, once it served or loaded
+            # the version), else unit indices.
+            manifest = self.host.segments.cached_manifest(entry["manifest"]) if entry.get("manifest") else None
+            unit_names = [unit.name for unit in manifest.units] if manifest is not None else None
             info: facade.VersionInfo = {
                 "version": version,
                 "state": entry["state"],
                 "source": entry["source"],
                 "segments": [
                     {"segment": f"{name}@{version}#{s['index']}", "index": s["index"],
-                     "units": [str(u) for u in range(s["first"], s["last"] + 1)],
+                     "units": [unit_names[u] if unit_names and u < len(unit_names) else str(u)
+                               for u in range(s["first"], s["last"] + 1)],
                      "first_unit": s["first"], "last_unit": s["last"], "agents": list(s["agents"])}
                     for s in placement["segments"]
                 ],

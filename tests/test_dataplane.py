@@ -257,6 +257,10 @@ def test_pipeline_three_segments_match_whole_model(three_way, inputs, reference)
     assert worst <= MAX_ABS_DIFF
     routes = {tuple(outcome.route) for outcome in outcomes}
     assert all(len(route) == 3 for route in routes), routes
+    # The gateway has parsed the manifest by now, so the model view names the units.
+    view = next(v for v in cluster.get(0, "/v1/models/minilm")["versions"] if v["version"] == version["version"])
+    units = [unit for segment in view["segments"] for unit in segment["units"]]
+    assert units == ["embeddings", *(f"encoder.layer.{i}" for i in range(6)), "pooling"]
 
 
 @pytest.mark.slow

@@ -54,6 +54,7 @@ def test_demo_three_agents_json() -> None:
     assert summary["epoch"] >= 1
     assert 0 < summary["p50_ms"] <= summary["p99_ms"]
     assert summary["throughput_rps"] > 0
+    assert "PASS: 40 of 40 requests answered" in completed.stderr
     _check_segments(summary)
 
 

@@ -5,8 +5,10 @@
 
 PYTHON ?= python3
 VENV   ?= .venv
-# CPU wheel of torch; pinned in the same pip command so that pip never resolves
-# the multi-GB CUDA build on a CPU machine.
+# torch pinned in the same pip command as the rest, so pip takes the version the
+# package index serves for it (a CPU wheel on the CI machines) instead of
+# resolving the newest, multi-GB CUDA build. Elsewhere override TORCH_SPEC or
+# install the CPU build into .venv first (see README).
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup demo test clean

@@ -73,7 +73,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -654,6 +654,44 @@ def check_dims(rules: Sequence[DimRule], tensors: Mapping[str, torch.Tensor], *,
             )
 
 
+def index_limits(module: torch.fx.GraphModule, inputs: Sequence[str]) -> dict[str, int]:
+    """Return, for each unit input used directly as embedding indices, the table's row count.
+
+    For an index outside the table, torch raises a bare "index out of range in self" that names
+    neither the input nor the limit. So the unit checks these inputs itself.
+    """
+    placeholders = {node: name for node, name in zip((n for n in module.graph.nodes if n.op == "placeholder"), inputs)}
+    limits: dict[str, int] = {}
+    for node in module.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.embedding.default or len(node.args) < 2:
+            continue
+        weight, indices = node.args[0], node.args[1]
+        if indices not in placeholders or getattr(weight, "op", None) != "get_attr":
+            continue
+        table = module
+        for part in str(weight.target).split("."):
+            table = getattr(table, part, None)
+        if isinstance(table, torch.Tensor) and table.dim() == 2:
+            name = placeholders[indices]
+            limits[name] = min(limits.get(name, table.shape[0]), int(table.shape[0]))
+    return limits
+
+
+def check_indices(limits: Mapping[str, int], tensors: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """Raise InputError when an input contains an index outside its embedding table (see index_limits)."""
+    for name, rows in limits.items():
+        tensor = tensors[name]
+        if tensor.numel() == 0:
+            continue
+        low, high = int(tensor.min()), int(tensor.max())
+        if low < 0 or high >= rows:
+            bad = low if low < 0 else high
+            raise InputError(
+                f"{what}: input {name!r} contains the invalid index {bad}; its embedding table accepts 0..{rows - 1}. "
+                f"For token ids, use the tokenizer that ships with the model"
+            )
+
+
 @dataclass(eq=False)
 class LoadedUnit:
     """A unit loaded from its blob: call it with a dict of named tensors."""
@@ -667,10 +705,13 @@ class LoadedUnit:
     sha256: str
     module: torch.nn.Module
     rules: list[DimRule] | None = None
+    index_limits: dict[str, int] = field(default_factory=dict)
 
     def __call__(self, tensors: Mapping[str, torch.Tensor]) -> TensorDict:
         what = f"unit {self.name!r}"
         check_tensors(self.input_specs, tensors, what=what, only=self.inputs)
+        if self.index_limits:
+            check_indices(self.index_limits, tensors, what=what)
         args = [tensors[name] for name in self.inputs]
         with torch.inference_mode():
             if self.rules is None:
@@ -746,9 +787,10 @@ def load_unit(source: Path | str | bytes | bytearray | memoryview, *, expected_s
         parameter.requires_grad_(False)
     weights = _header_weight_bytes(read_header(data))
     rules = dim_rules(module, inputs) if isinstance(module, torch.fx.GraphModule) else None
+    limits = index_limits(module, inputs) if isinstance(module, torch.fx.GraphModule) else {}
     logger.debug("loaded unit %s (sha256 %s, %d weight bytes, %s shape check)", name, sha, weights,
                  "plain" if rules is not None else "torch")
-    return LoadedUnit(name, inputs, outputs, input_specs, output_specs, weights, sha, module, rules)
+    return LoadedUnit(name, inputs, outputs, input_specs, output_specs, weights, sha, module, rules, limits)
 
 
 # --- input checks and segments ------------------------------------------------------------------

@@ -85,6 +85,7 @@ class Deployment:
     message: str = ""
     started: float = 0.0
     finished: float | None = None
+    note: str = ""  # appended to the final message, for what the user asked for but did not get
 
     def to_dict(self) -> dict:
         return {"id": self.id, "model": self.model, "version": self.version, "state": self.state,
@@ -439,6 +440,11 @@ class CoordinatorRole:
                 f"version {version!r} of model {name!r} already exists; pick a new version name", kind="conflict")
         try:
             check_deploy_options(source, rollout, options)
+            max_stages = options.get("max_stages")
+            workers = [a for a in self.alive_agents() if not self._is_witness(a)]
+            if isinstance(max_stages, int) and max_stages > len(workers):
+                raise ValueError(f"options.max_stages is {max_stages}, but only {len(workers)} alive agents can run "
+                                 f"segments; use at most {len(workers)}")
         except ValueError as exc:
             logger.info("deploy rejected model=%s version=%s: %s", name, version, exc)
             raise registry_ops.RegistryError(str(exc), kind="invalid") from None
@@ -456,6 +462,8 @@ class CoordinatorRole:
                 deployment.state, deployment.percent = "ready", 100.0
                 deployment.finished = time.monotonic()
                 deployment.message = f"ready after {deployment.finished - deployment.started:.1f} s"
+                if deployment.note:
+                    deployment.message += f"; {deployment.note}"
                 logger.info("deployment ready id=%s model=%s version=%s", deployment.id, name, version)
 
     async def _deploy(self, deployment: Deployment, source: str, rollout: str, replicas: int, options: dict) -> None:
@@ -467,6 +475,11 @@ class CoordinatorRole:
             deployment.message = "planning"
             placement, predicted = self._plan(deployment.model, deployment.version, job, replicas, options)
             deployment.percent = 50.0
+            if replicas > 1 and all(len(segment.agents) == 1 for segment in placement.segments):
+                deployment.note = ("no replicas: the plan uses every agent for a pipeline stage, and replicas "
+                                   "go only on spare agents (limit the stages with options.max_stages)")
+                logger.warning("deployment id=%s model=%s version=%s: %s", deployment.id, deployment.model,
+                               deployment.version, deployment.note)
 
             def change(registry: dict) -> dict:
                 registry = registry_ops.add_version(

@@ -217,6 +217,7 @@ class InferResult:
     request_id: str
     route: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    failovers: int = 0  # times the request resumed from a segment boundary on another route
 
 
 # --------------------------------------------------------------------------------------------

@@ -404,6 +404,7 @@ def encode_result(name: str, result: InferResult, as_msgpack: bool) -> tuple[byt
         "request_id": result.request_id,
         "route": list(result.route),
         "timings_ms": {k: v * 1000.0 for k, v in result.timings.items()},
+        "failovers": result.failovers,
     }
     if as_msgpack:
         meta, buffers = encode_tensors(result.outputs)

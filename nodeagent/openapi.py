@@ -109,6 +109,7 @@ COMPONENTS: dict[str, Any] = {
             "request_id": {"type": "string"},
             "route": {"type": "array", "items": {"type": "string"}, "description": "agent per segment"},
             "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}},
+            "failovers": {"type": "integer", "description": "times the request resumed on another route"},
             "outputs": {"type": "object", "additionalProperties": _ref("Tensor")},
         },
     },

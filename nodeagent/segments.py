@@ -45,6 +45,11 @@ from nodeagent.worker import SegmentWorker
 logger = logging.getLogger(__name__)
 
 LOAD_RETRY_S = 1.0
+# A segment that the committed placement no longer names stays loaded this long. Gateways apply a
+# plan switch on their own schedule, so requests routed on the old plan still arrive for a moment.
+# Unloading at once refused them, and each such request waited out its gateway's exclusion of this agent.
+UNLOAD_GRACE_S = 3.0
+_now = time.monotonic  # the clock of the unload grace; tests replace it
 
 
 @dataclass
@@ -101,6 +106,8 @@ class SegmentHost:
         self._progress: dict[tuple[str, str, int, int], list[int]] = {}
         self._manifests: dict[str, Manifest] = {}
         self._errors: dict[tuple, str] = {}
+        # Segments no longer in any placement, with the time they were first seen so (see UNLOAD_GRACE_S).
+        self._undesired_since: dict[tuple[str, str, int, int], float] = {}
         # Spare copies, keyed (manifest sha, first unit, last unit): pinned blob shas, or the fetch task.
         self._spares: dict[tuple[str, int, int], tuple[str, ...]] = {}
         self._spare_tasks: dict[tuple[str, int, int], asyncio.Task] = {}
@@ -198,9 +205,21 @@ class SegmentHost:
             if key not in self._loading and not self.canaries.held_back(key):
                 task = asyncio.get_running_loop().create_task(self._load(key, manifest_sha, plan_version))
                 self._loading[key] = task
+        now = _now()
+        for key in list(self._undesired_since):
+            if key in desired or key not in self._segments:
+                del self._undesired_since[key]
         for key in [key for key in self._segments if key not in desired]:
-            self._unload(key)
+            since = self._undesired_since.setdefault(key, now)
+            if now - since >= UNLOAD_GRACE_S or self._removed(key):
+                self._undesired_since.pop(key, None)
+                self._unload(key)
         self._reconcile_spares()
+
+    def _removed(self, key: tuple[str, str, int, int]) -> bool:
+        """Tell whether the key's version is gone from the registry, so no request can need it."""
+        model, version = key[0], key[1]
+        return version not in self.host.registry_view()["models"].get(model, {}).get("versions", {})
 
     def _desired_spares(self) -> set[tuple[str, int, int]]:
         """Unit ranges to keep a spare copy of: the segment after each segment held here."""

@@ -347,9 +347,9 @@ class AgentService:
                     hint = (" An integer input holds a value outside the model's range, for example a token id "
                             "at or above the vocabulary size or below 0.")
                 raise facade.BadRequest(
-                    f"the model rejected these inputs: {exc}.{hint} Check them against the model's "
-                    f"input spec (GET /v1/models/{request.model}) and its limits, such as a maximum "
-                    f"sequence length", status=422, field="inputs") from exc
+                    f"the model rejected these inputs: {exc}.{hint} Fix the input named above; the model's "
+                    f"limits, such as a maximum sequence length or vocabulary size, apply to every request",
+                    status=422, field="inputs") from exc
             error = (facade.DeadlineExceeded(str(exc)) if exc.status == 504
                      else facade.Unavailable(str(exc), reason="deadline_unreachable"))
             error.version = version
@@ -358,7 +358,7 @@ class AgentService:
         return facade.InferResult(
             outputs=outputs, version=version, request_id=info["request_id"],
             route=[hop[2] for hop in info["route"]],
-            timings={"total": elapsed, "failovers": float(info["failovers"])},
+            timings={"total": elapsed}, failovers=int(info["failovers"]),
         )
 
 

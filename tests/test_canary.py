@@ -275,6 +275,46 @@ async def test_segment_host_reloads_bad_segment(sequential: Exported, tmp_path: 
         await host.close()
 
 
+async def test_segment_host_unloads_after_grace(sequential: Exported, tmp_path: Path, monkeypatch) -> None:
+    from nodeagent import segments as segments_module
+
+    agent, key = _agent_with(sequential, tmp_path)
+    host = SegmentHost(agent)
+    task = asyncio.get_running_loop().create_task(host.run())
+    try:
+        await _wait_for(lambda: host.get(*key) is not None)
+        loaded = host.get(*key)
+        # A new plan moves the segment elsewhere: requests routed on the old plan still arrive for
+        # a moment, so the segment stays loaded for the grace period.
+        entry = agent._registry["models"]["seq"]["versions"]["v1"]
+        entry["placement"]["segments"][0]["agents"] = ["n2"]
+        host._reconcile()
+        assert host.get(*key) is loaded
+        clock = time.monotonic() + segments_module.UNLOAD_GRACE_S + 0.1
+        monkeypatch.setattr(segments_module, "_now", lambda: clock)
+        host._reconcile()
+        assert host.get(*key) is None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await host.close()
+
+
+async def test_segment_host_unloads_deleted_version_at_once(sequential: Exported, tmp_path: Path) -> None:
+    agent, key = _agent_with(sequential, tmp_path)
+    host = SegmentHost(agent)
+    task = asyncio.get_running_loop().create_task(host.run())
+    try:
+        await _wait_for(lambda: host.get(*key) is not None)
+        agent._registry = registry_ops.empty_registry()
+        host._reconcile()
+        assert host.get(*key) is None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await host.close()
+
+
 async def test_segment_host_deletes_corrupt_blob(sequential: Exported, tmp_path: Path) -> None:
     agent, key = _agent_with(sequential, tmp_path)
     host = SegmentHost(agent)

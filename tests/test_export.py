@@ -277,6 +277,21 @@ def test_unit_checks_shape_bounds(minilm: Exported) -> None:
         minilm.single[1].run({"hidden.0": hidden, "attention_mask": mask})
 
 
+def test_unit_checks_embedding_indices(minilm: Exported) -> None:
+    embeddings = minilm.single[0].units[0]
+    assert embeddings.index_limits == {"input_ids": 30522, "token_type_ids": 2}
+    inputs = zoo.minilm_tokenize(["hello there"])
+    for bad in (30522, -1):
+        wrong = {**inputs, "input_ids": inputs["input_ids"].clone()}
+        wrong["input_ids"][0, 1] = bad
+        with pytest.raises(InputError, match=rf"input 'input_ids' contains the invalid index {bad}; its embedding table accepts 0..30521"):
+            minilm.single[0].run(wrong)
+    # The largest valid id still runs.
+    edge = {**inputs, "input_ids": inputs["input_ids"].clone()}
+    edge["input_ids"][0, 1] = 30521
+    assert minilm.single[0].run(edge)["hidden.0"].shape[0] == 1
+
+
 def test_broadcast_mask_equals_model_mask(minilm: Exported) -> None:
     from transformers.masking_utils import create_bidirectional_mask
 

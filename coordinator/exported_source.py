@@ -54,11 +54,14 @@ dictionary keys and positions otherwise. Other tensors that cross a cut are ``<u
 
 What is rejected
 ----------------
-A file that is missing or is not a PT2 archive, a program with control-flow subgraphs
-(``torch.cond``, ``while_loop``), custom objects, operators outside aten, prims and ``_operator``
-(the rules of ``coordinator.export.check_program``), buffer mutation, inputs that are not tensors,
-a fixed batch dimension, and a split that yields fewer than two units. Each error names the file
-and what to change.
+Each of these is an error that names the file and what to change:
+
+* a file that is missing, a directory, or not a PT2 archive;
+* a program with control-flow subgraphs (``torch.cond``, ``while_loop``), custom objects, or
+  operators outside aten, prims and ``_operator`` (the rules of
+  ``coordinator.export.check_program``);
+* buffer mutation, inputs that are not tensors, or a fixed batch dimension;
+* a split that yields fewer than two units.
 
 The whole saved program, ``ep.module()``, is the model's reference function, so tests compare
 the segmented run with it.

@@ -41,7 +41,7 @@ The layer unit names end in the layer number, so ``segmentation: block`` finds t
 name prefix. There is no KV cache and no generation: one forward pass returns logits for every
 position. Batch and sequence length are dynamic in every unit. With tied input and output
 embeddings (``tie_word_embeddings``) the embedding unit and the head unit refer to the same
-weight here, and export stores it in both unit blobs, so each segment holds its own copy.
+weight here, and export stores it in both unit blobs, so each segment has its own copy.
 
 Sequence length is limited where the model has learned positions: BERT by
 ``max_position_embeddings``, RoBERTa by that minus ``pad_token_id + 1`` (it numbers positions

@@ -91,7 +91,6 @@ class DataPlane:
         self.tracker = GatewayTracker()
         self._requests: dict[str, GatewayRequest] = {}
         self._held: dict[tuple[str, int], HeldActivation] = {}
-        self._tasks: set[asyncio.Task] = set()
         self._outstanding: dict[str, int] = {}
         self.counters = {
             "requests": 0, "succeeded": 0, "failed": 0, "failovers": 0, "refusals_sent": 0,
@@ -149,7 +148,7 @@ class DataPlane:
             if holder == self.node_id:
                 self._drop_held(request_id)
             else:
-                self._send(holder, MsgType.CANCEL, {"rid": request_id}, plane="control")
+                self.host.links.send_nowait(holder, MsgType.CANCEL, {"rid": request_id}, plane="control")
 
     def _usable(self, state: GatewayRequest) -> set[str]:
         now = time.monotonic()
@@ -237,31 +236,6 @@ class DataPlane:
             "task": self._requests[request.request_id].task,
         }
 
-    def _send(self, peer: str, msg_type: MsgType, header: dict, buffers=(), *, plane: str, on_error=None) -> None:
-        """Send a frame now when the link has room, else in a tracked task that waits for it.
-
-        Writing at once saves a task and a loop pass per frame, which is a visible share of a hop
-        on a small segment. ``on_error(exc)`` runs on a later loop pass (never inside this call)
-        when the peer is unreachable.
-        """
-        loop = asyncio.get_running_loop()
-        try:
-            if self.host.links.send_now(peer, msg_type, header, buffers, plane=plane):
-                return
-        except ConnectionError as exc:
-            if on_error is not None:
-                loop.call_soon(on_error, exc)
-            return
-
-        async def run() -> None:
-            try:
-                await self.host.links.send(peer, msg_type, header, buffers, plane=plane)
-            except ConnectionError as exc:
-                if on_error is not None:
-                    on_error(exc)
-
-        self._spawn(run())
-
     def _send_or_fail(self, peer: str, msg_type: MsgType, header: dict, *, plane: str, rid: str, buffers=()) -> None:
         """Send a frame; when the peer is unreachable, treat it as a failed hop."""
 
@@ -269,7 +243,7 @@ class DataPlane:
             logger.info("send to %s failed rid=%s type=%s: %s", peer, rid, msg_type.name, exc)
             self._hop_failed(rid, peer, f"agent {peer} unreachable: {exc}")
 
-        self._send(peer, msg_type, header, buffers, plane=plane, on_error=failed)
+        self.host.links.send_nowait(peer, msg_type, header, buffers, plane=plane, on_error=failed)
 
     def _hop_failed(self, request_id: str, agent: str, reason: str) -> None:
         state = self._requests.get(request_id)
@@ -413,7 +387,7 @@ class DataPlane:
             self._report(header, {"rid": header["rid"], "att": header["att"], "boundary": hop.first,
                                   "next": hop.agent, "next_failed": hop.agent})
 
-        self._send(hop.agent, MsgType.ACTIVATION, frame_header, buffers, plane="data", on_error=failed)
+        self.host.links.send_nowait(hop.agent, MsgType.ACTIVATION, frame_header, buffers, plane="data", on_error=failed)
 
     def _refuse(self, header: dict, reason: str) -> None:
         self.counters["refusals_sent"] += 1
@@ -435,7 +409,7 @@ class DataPlane:
             # The gateway notices through its own link and hop timeout; nothing to retry here.
             logger.debug("report to gateway %s failed rid=%s type=%s: %s", gateway, body.get("rid"), msg_type.name, exc)
 
-        self._send(gateway, msg_type, body, plane="control", on_error=failed)
+        self.host.links.send_nowait(gateway, msg_type, body, plane="control", on_error=failed)
 
     def _accept_activation(self, sender: str, header: dict, tensors: dict[str, torch.Tensor]) -> None:
         try:
@@ -464,9 +438,9 @@ class DataPlane:
         if ttl <= 0:
             logger.info("dropping expired activation rid=%s hop=%d", header.get("rid"), hop_index)
             return
-        self._run_hop(header, hop_index, hop, segment, tensors, time.monotonic() + ttl)
+        self._run_hop(header, hop_index, segment, tensors, time.monotonic() + ttl)
 
-    def _run_hop(self, header: dict, hop_index: int, hop: Hop, segment, tensors, deadline: float) -> None:
+    def _run_hop(self, header: dict, hop_index: int, segment, tensors, deadline: float) -> None:
         """Queue the hop on its segment's worker; ``_hop_done`` continues with the worker's result.
 
         No task per hop: the worker calls back on this loop, which saves a task and a loop pass on
@@ -532,7 +506,7 @@ class DataPlane:
         def failed(exc: BaseException) -> None:
             logger.warning("cannot return result rid=%s to gateway %s: %s", header["rid"], gateway, exc)
 
-        self._send(gateway, MsgType.RESULT, body, buffers, plane="data", on_error=failed)
+        self.host.links.send_nowait(gateway, MsgType.RESULT, body, buffers, plane="data", on_error=failed)
 
     def _resend(self, header: dict) -> None:
         request_id = str(header.get("rid"))
@@ -551,25 +525,12 @@ class DataPlane:
 
     # ================================================================= plumbing
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("data-plane task failed node=%s: %r", self.node_id, task.exception())
-
     async def close(self) -> None:
         for rid, state in list(self._requests.items()):
             if not state.future.done():
                 state.future.set_exception(InferenceError(
                     f"agent {self.node_id} is shutting down; retry on another agent", status=503, request_id=rid))
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Frames still waiting on a congested link are tasks of the peer links, which end as the links close.
 
     def status(self) -> dict:
         return {

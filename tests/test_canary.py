@@ -11,6 +11,7 @@ offer, so that path is tested here and not in a cluster test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -239,6 +240,19 @@ def _agent_with(exported: Exported, root: Path) -> tuple[_Agent, tuple[str, str,
     return agent, ("seq", "v1", 0, last)
 
 
+@contextlib.asynccontextmanager
+async def _running(agent: _Agent):
+    """Run a SegmentHost for ``agent`` and close it afterwards."""
+    host = SegmentHost(agent)
+    task = asyncio.get_running_loop().create_task(host.run())
+    try:
+        yield host
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await host.close()
+
+
 async def _wait_for(condition, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -248,9 +262,7 @@ async def _wait_for(condition, timeout_s: float = 20.0) -> None:
 
 async def test_segment_host_reloads_bad_segment(sequential: Exported, tmp_path: Path) -> None:
     agent, key = _agent_with(sequential, tmp_path)
-    host = SegmentHost(agent)
-    task = asyncio.get_running_loop().create_task(host.run())
-    try:
+    async with _running(agent) as host:
         await _wait_for(lambda: host.canaries.passes >= 1)
         first = host.get(*key)
         assert first is not None
@@ -269,19 +281,13 @@ async def test_segment_host_reloads_bad_segment(sequential: Exported, tmp_path: 
         assert host.status()["canary"]["failures"] == 1
         for sha in second.blobs:
             assert agent.store.has(sha)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await host.close()
 
 
 async def test_segment_host_unloads_after_grace(sequential: Exported, tmp_path: Path, monkeypatch) -> None:
     from nodeagent import segments as segments_module
 
     agent, key = _agent_with(sequential, tmp_path)
-    host = SegmentHost(agent)
-    task = asyncio.get_running_loop().create_task(host.run())
-    try:
+    async with _running(agent) as host:
         await _wait_for(lambda: host.get(*key) is not None)
         loaded = host.get(*key)
         # A new plan moves the segment elsewhere: requests routed on the old plan still arrive for
@@ -294,32 +300,20 @@ async def test_segment_host_unloads_after_grace(sequential: Exported, tmp_path: 
         monkeypatch.setattr(segments_module, "_now", lambda: clock)
         host._reconcile()
         assert host.get(*key) is None
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await host.close()
 
 
 async def test_segment_host_unloads_deleted_version_at_once(sequential: Exported, tmp_path: Path) -> None:
     agent, key = _agent_with(sequential, tmp_path)
-    host = SegmentHost(agent)
-    task = asyncio.get_running_loop().create_task(host.run())
-    try:
+    async with _running(agent) as host:
         await _wait_for(lambda: host.get(*key) is not None)
         agent._registry = registry_ops.empty_registry()
         host._reconcile()
         assert host.get(*key) is None
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await host.close()
 
 
 async def test_segment_host_deletes_corrupt_blob(sequential: Exported, tmp_path: Path) -> None:
     agent, key = _agent_with(sequential, tmp_path)
-    host = SegmentHost(agent)
-    task = asyncio.get_running_loop().create_task(host.run())
-    try:
+    async with _running(agent) as host:
         await _wait_for(lambda: host.canaries.passes >= 1)
         loaded = host.get(*key)
         assert loaded is not None
@@ -340,10 +334,6 @@ async def test_segment_host_deletes_corrupt_blob(sequential: Exported, tmp_path:
         assert all(tuple(item[:4]) != key for item in host.loaded_report())
         for sha in loaded.blobs[1:]:
             assert agent.store.has(sha)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await host.close()
 
 
 # ---------------------------------------------------------------- automatic rollback

@@ -433,17 +433,13 @@ class MemoryLinks:
         self.network = network
         self.sender = sender
 
-    async def send(self, peer: str, msg_type: MsgType, header: dict, buffers=(), *, plane: str = "control") -> None:
-        self.send_nowait(peer, msg_type, header, buffers, plane=plane)
-
-    def send_now(self, peer: str, msg_type: MsgType, header: dict, buffers=(), *, plane: str = "control") -> bool:
-        self.send_nowait(peer, msg_type, header, buffers, plane=plane)
-        return True
-
-    def send_nowait(self, peer: str, msg_type: MsgType, header: dict, buffers=(), *, plane: str = "control") -> None:
+    def send_nowait(self, peer: str, msg_type: MsgType, header: dict, buffers=(), *, plane: str = "control",
+                    on_error=None) -> None:
         target = self.network.get(peer)
         if target is None:
-            raise ConnectionError(f"no link to {peer}")
+            if on_error is not None:
+                asyncio.get_running_loop().call_soon(on_error, ConnectionError(f"no link to {peer}"))
+            return
         decoded = msgpack.unpackb(msgpack.packb(header, use_bin_type=True), raw=False)
         payload = memoryview(bytearray(b"".join(bytes(b) for b in buffers)))
         asyncio.get_running_loop().call_soon(target.dataplane.on_frame, self.sender, msg_type, decoded, payload)

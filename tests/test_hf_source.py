@@ -326,8 +326,8 @@ def test_missing_lm_head_weights_rejected(tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(0)
-    # A base model saved without its LM head, while the config asks for an untied one: loading it
-    # as a causal LM would fill lm_head with random values.
+    # A base model saved without its LM head, while the config sets an untied one. Loading it as a
+    # causal LM would fill lm_head with random values.
     config = LlamaConfig(num_hidden_layers=1, hidden_size=HIDDEN, intermediate_size=128, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=False)
     LlamaModel(config).save_pretrained(tmp_path)
@@ -358,7 +358,8 @@ def test_cluster_deploys_hf_llama(model_dirs: dict[str, Path], tmp_path: Path) -
         cluster.wait_formed(90, expect=["agent-0", "agent-1"])
         info = cluster.deploy("tiny-llama", "v1", f"hf:{model_dirs['llama']}", timeout_s=120)
         segments = info["versions"][0]["segments"]
-        assert segments[0]["first_unit"] == 0 and segments[-1]["last_unit"] == len(spec.units) - 1
+        assert segments[0]["first_unit"] == 0
+        assert segments[-1]["last_unit"] == len(spec.units) - 1
 
         body = {"inputs": {name: {"dtype": "int64", "shape": list(t.shape), "data": t.tolist()}
                            for name, t in inputs.items()},

@@ -417,6 +417,7 @@ class Agent:
         from nodeagent.service import build_http_app
 
         app, self.metrics = build_http_app(self)
+        self.metrics.add_refresher(lambda metrics: metrics.set_queue_depths(self.segments.queue_depths()))
         self.http_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.http_runner.setup()
         site = web.TCPSite(self.http_runner, self.config.network.admin_host, self.config.network.admin_port)

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -178,6 +178,9 @@ class AgentMetrics:
 
     def __init__(self, node_id: str = "", *, collect_host: bool = True) -> None:
         self.node_id = node_id
+        self._refreshers: list[Callable[[AgentMetrics], None]] = []
+        self._queue_labels: set[str] = set()
+        self._segment_labels: set[tuple[str, str, str]] = set()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -267,7 +270,9 @@ class AgentMetrics:
         window.record(time.monotonic() if now is None else now, seconds, ok)
 
     def observe_segment(self, model: str, version: str, segment: str, seconds: float) -> None:
+        """Record one micro-batch run of a segment (called on the segment's worker thread)."""
         self.segment_seconds.labels(model, version, segment).observe(seconds)
+        self._segment_labels.add((model, version, segment))
 
     def set_queue_depth(self, segment: str, depth: int) -> None:
         self.queue_depth.labels(segment).set(depth)
@@ -305,6 +310,13 @@ class AgentMetrics:
             self.request_seconds.remove(model, version)
         except KeyError:
             pass
+        for labels in [labels for labels in set(self._segment_labels) if labels[:2] == (model, version)]:
+            self._segment_labels.discard(labels)
+            for histogram, values in ((self.segment_seconds, labels), (self.batch_size, labels[2:])):
+                try:
+                    histogram.remove(*values)
+                except KeyError:
+                    pass
         with self._windows_lock:
             self._windows.pop((model, version), None)
 
@@ -329,8 +341,31 @@ class AgentMetrics:
             window = LatencyWindow(GATEWAY_WINDOW_S)
         return window.stats(time.monotonic() if now is None else now)
 
+    def add_refresher(self, refresh: Callable[["AgentMetrics"], None]) -> None:
+        """Call ``refresh(self)`` before every scrape and rule check, to set gauges read on demand."""
+        self._refreshers.append(refresh)
+
+    def refresh(self) -> None:
+        for refresh in self._refreshers:
+            try:
+                refresh(self)
+            except Exception:  # a broken refresher must not break a scrape
+                logger.exception("refreshing metrics failed node=%s", self.node_id)
+
+    def set_queue_depths(self, depths: dict[str, int]) -> None:
+        """Set the queue gauge of every loaded segment, and drop the series of unloaded ones."""
+        for segment in self._queue_labels - set(depths):
+            try:
+                self.queue_depth.remove(segment)
+            except KeyError:
+                pass
+        for segment, depth in depths.items():
+            self.queue_depth.labels(segment).set(depth)
+        self._queue_labels = set(depths)
+
     def sample_value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         """Sum of the samples named `name` whose labels include `labels`, or None if none match."""
+        self.refresh()
         selector = labels or {}
         total = 0.0
         found = False
@@ -345,4 +380,5 @@ class AgentMetrics:
 
     def render(self) -> tuple[bytes, str]:
         """Return the Prometheus text exposition and its content type."""
+        self.refresh()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -297,10 +297,18 @@ class SegmentHost:
 
             def make_worker(task: str | None) -> SegmentWorker:
                 label = f"{model}@{version}[{first}..{last}]" + (f"/{task}" if task is not None else "")
+                metrics = self.host.metrics
+
+                def observe(size: int, seconds: float) -> None:
+                    if metrics is not None:
+                        metrics.observe_segment(model, version, label, seconds)
+                        metrics.observe_batch(label, size)
+
                 return SegmentWorker(
                     label, functools.partial(segment.run, task=task),
                     torch_threads=runtime.torch_threads, max_batch_size=runtime.batch_max_size,
                     max_wait_s=runtime.batch_max_wait_ms / 1000.0, capacity=runtime.queue_max,
+                    on_batch=observe,
                 )
 
             self._segments[key] = LoadedSegment(key, make_worker(None), manifest, tuple(shas), {plan_version},
@@ -364,6 +372,11 @@ class SegmentHost:
             task.cancel()
         for key in list(self._segments):
             self._unload(key)
+
+    def queue_depths(self) -> dict[str, int]:
+        """Requests waiting per worker, by worker name (the segment label of the metrics)."""
+        return {worker.name: worker.stats().queue_depth
+                for segment in self._segments.values() for worker in segment.workers()}
 
     def status(self) -> dict:
         return {

@@ -146,6 +146,7 @@ class WorkerStats:
     cancelled: int  # requests whose awaiting task was cancelled
     batches: int  # batches taken from the queue and run
     split_retries: int  # failed batches rerun one request at a time
+    busy_s: float  # seconds spent running batches since the worker started
     batch_size_histogram: dict[int, int]  # requests per batch -> number of batches
     oldest_inflight_age_s: float
     current_run_age_s: float
@@ -177,6 +178,7 @@ class _Counters:
     cancelled: int = 0
     batches: int = 0
     split_retries: int = 0
+    busy_s: float = 0.0
     histogram: dict[int, int] = field(default_factory=dict)
 
 
@@ -198,6 +200,7 @@ class SegmentWorker:
         capacity: int = DEFAULT_CAPACITY,
         aging_s: float = DEFAULT_AGING_S,
         unbatched_outputs: frozenset[str] = frozenset(),
+        on_batch: Callable[[int, float], None] | None = None,
         start: bool = True,
     ) -> None:
         if not isinstance(torch_threads, int) or isinstance(torch_threads, bool) or torch_threads < 1:
@@ -206,6 +209,8 @@ class SegmentWorker:
         self._run_fn = run_fn
         self._torch_threads = torch_threads
         self._unbatched_outputs = frozenset(unbatched_outputs)
+        # Called on the worker thread after each batch with (requests, seconds); metrics use it.
+        self._on_batch = on_batch
         self._queue: BatchQueue[_Request] = BatchQueue(
             max_batch_size, max_wait_s, capacity, aging_s, name=name
         )
@@ -413,6 +418,7 @@ class SegmentWorker:
                 cancelled=c.cancelled,
                 batches=c.batches,
                 split_retries=c.split_retries,
+                busy_s=c.busy_s,
                 batch_size_histogram=dict(c.histogram),
                 oldest_inflight_age_s=inflight_age,
                 current_run_age_s=run_age,
@@ -497,12 +503,20 @@ class SegmentWorker:
                     if not expired:
                         break
                     continue
+                started = time.perf_counter()
                 try:
                     self._run_batch(batch)
                 finally:
+                    seconds = time.perf_counter() - started
                     with self._cond:
                         self._running = []
                         self._run_started_at = None
+                        self._counters.busy_s += seconds
+                if self._on_batch is not None:
+                    try:
+                        self._on_batch(len(batch), seconds)
+                    except Exception:  # a metrics hook must not stop the worker
+                        logger.exception("segment %s: batch hook failed", self.name)
         except Exception:
             logger.exception("segment %s: worker thread crashed; failing pending requests",
                              self.name)

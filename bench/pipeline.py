@@ -17,7 +17,8 @@ measured in that same run:
                sentences the planner profiled) at concurrency ``--concurrency`` through the
                2-stage version (agent-0 and agent-1, one torch thread each), in items per
                second, against the whole model with one thread on batches of 2 and of 8 (the
-               worker's largest micro-batch). Goal: >= 1.7x over the batch-8 baseline.
+               worker's largest micro-batch), the best of three 2 s rounds each. Goal: >= 1.7x
+               over the batch-8 baseline.
   prediction   that measured throughput against the planner's prediction for the 2-stage
                placement (profiled batch / predicted period). Goal: >= 0.9.
 
@@ -53,6 +54,7 @@ STAGE_COUNTS = (1, 2, 3)
 DEPLOY_TIMEOUT_S = 300.0
 REQUEST_DEADLINE_MS = 30_000
 BASELINE_SECONDS = 2.0
+BASELINE_ROUNDS = 3
 LATENCY_GOAL = 1.15
 THROUGHPUT_GOAL = 1.7
 PER_HOP_GOAL_MS = 1.0
@@ -98,15 +100,19 @@ def time_calls(fn: Callable[[], object], *, count: int) -> list[float]:
 
 
 def whole_model_items_per_s(spec, inputs: Mapping[str, torch.Tensor]) -> float:
+    """The best of BASELINE_ROUNDS rounds: on a shared machine one round read 242-272 items/s."""
     rows = inputs["input_ids"].shape[0]
     for _ in range(2):
         spec.reference(inputs)
-    done = 0
-    started = time.perf_counter()
-    while time.perf_counter() - started < BASELINE_SECONDS:
-        spec.reference(inputs)
-        done += rows
-    return done / (time.perf_counter() - started)
+    rates = []
+    for _ in range(BASELINE_ROUNDS):
+        done = 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < BASELINE_SECONDS:
+            spec.reference(inputs)
+            done += rows
+        rates.append(done / (time.perf_counter() - started))
+    return max(rates)
 
 
 # ===================================================================== cluster

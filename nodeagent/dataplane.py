@@ -421,6 +421,11 @@ class DataPlane:
         if hop.agent != self.node_id:
             self._refuse(header, f"hop {hop_index} names agent {hop.agent}, not {self.node_id}")
             return
+        if header.get("gw") == self.node_id and sender != self.node_id and hop_index > 0:
+            # The sender skips its PROGRESS report when the next hop is the gateway: record here,
+            # before any refusal, that it holds the activation at this hop's boundary.
+            self._on_progress(sender, {"rid": header.get("rid"), "att": header.get("att"),
+                                       "boundary": hop.first, "next": self.node_id})
         if int(header.get("epoch", 0)) < self.host.fenced_epoch():
             self._refuse(header, f"stale epoch {header.get('epoch')}; this agent accepted epoch {self.host.fenced_epoch()}")
             return
@@ -488,7 +493,10 @@ class DataPlane:
         # Forward first: the next hop is on the request's critical path, the gateway's record of
         # where the activation is held is not (it matters only if the next hop fails).
         self._forward(next_header, outputs)
-        self._report(header, {"rid": request_id, "att": header["att"], "boundary": boundary, "next": next_hop.agent})
+        if next_hop.agent != header.get("gw") or next_hop.agent == self.node_id:
+            self._report(header, {"rid": request_id, "att": header["att"], "boundary": boundary, "next": next_hop.agent})
+        # Otherwise the next hop is the gateway itself, which records this progress when the
+        # activation reaches it (see _accept_activation): one control frame fewer per request.
 
     def _send_result(self, header: dict, outputs: dict[str, torch.Tensor] | None, *, error: str | None = None) -> None:
         body = {"rid": header["rid"], "att": header["att"]}

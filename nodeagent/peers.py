@@ -19,9 +19,10 @@ status until it goes away.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol.errors import AuthenticationError, ConnectionClosed, ProtocolError
@@ -72,7 +73,7 @@ class PeerState:
         return "unreachable" + (f": {self.last_error}" if self.last_error else "")
 
 
-FrameHandler = Callable[[str, Frame], Awaitable[None] | None]
+FrameHandler = Callable[[str, Frame], None]
 LinkHandler = Callable[[str, bool], None]
 
 
@@ -346,11 +347,9 @@ class PeerLinks:
             if plane == "control":
                 peer.connected_since = time.monotonic()
                 self._membership_changed(peer)
-            while True:
-                frame = await conn.recv()
-                result = self._on_frame(peer_id, frame)
-                if asyncio.iscoroutine(result):
-                    await result
+            # Frames go to the handler straight from the transport's data callback.
+            conn.deliver_to(functools.partial(self._on_frame, peer_id))
+            await conn.wait_ended()
         except ConnectionClosed:
             pass
         except ProtocolError as exc:

@@ -13,6 +13,7 @@ import asyncio
 import json
 import signal
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,22 @@ def infer_url(cluster: LocalCluster, index: int) -> str:
     return cluster.agents[index].admin_url + "/v1/models/minilm/infer"
 
 
+def scrape_metrics(cluster: LocalCluster, index: int) -> str:
+    with urllib.request.urlopen(cluster.agents[index].admin_url + "/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of the one sample ``name`` whose labels include ``labels``; fail when missing."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        series, _, value = line.rpartition(" ")
+        if all(f'{key}="{wanted}"' in series for key, wanted in labels.items()):
+            return float(value)
+    raise AssertionError(f"no sample {name} with labels {labels} in the metrics")
+
+
 def gateway_counters(cluster: LocalCluster, index: int) -> dict:
     return cluster.get(index, "/v1/cluster")["dataplane"]
 
@@ -263,6 +280,17 @@ def test_pipeline_three_segments_match_whole_model(three_way, inputs, reference)
     view = next(v for v in cluster.get(0, "/v1/models/minilm")["versions"] if v["version"] == version["version"])
     units = [unit for segment in view["segments"] for unit in segment["units"]]
     assert units == ["embeddings", *(f"encoder.layer.{i}" for i in range(6)), "pooling"]
+    # Every holder's metrics count the micro-batches its segment ran for these requests.
+    for segment in segments:
+        label = f'minilm@{version["version"]}[{segment["first_unit"]}..{segment["last_unit"]}]'
+        text = scrape_metrics(cluster, cluster.index_of(segment["agents"][0]))
+        requests_run = metric_value(text, "shardmesh_batch_size_sum", segment=label)
+        batches = metric_value(text, "shardmesh_batch_size_count", segment=label)
+        runs = metric_value(text, "shardmesh_segment_seconds_count", segment=label)
+        assert requests_run >= 200, (label, requests_run)
+        assert 1 <= batches <= requests_run and runs == batches, (label, batches, runs)
+        assert metric_value(text, "shardmesh_segment_seconds_sum", segment=label) > 0
+        assert metric_value(text, "shardmesh_queue_depth", segment=label) == 0
 
 
 @pytest.mark.slow
@@ -426,6 +454,10 @@ def test_failover_sigstop_drains_to_replica(fresh_cluster, inputs, reference) ->
 # ===================================================================== refusal, in one process
 
 
+# (sender, receiver, type) of every frame that MemoryLinks delivered, for the tests to inspect.
+FRAMES_SENT: list[tuple[str, str, MsgType]] = []
+
+
 class MemoryLinks:
     """Delivers frames between DataPlanes of one process, with msgpack-encoded headers."""
 
@@ -440,6 +472,7 @@ class MemoryLinks:
             if on_error is not None:
                 asyncio.get_running_loop().call_soon(on_error, ConnectionError(f"no link to {peer}"))
             return
+        FRAMES_SENT.append((self.sender, peer, msg_type))
         decoded = msgpack.unpackb(msgpack.packb(header, use_bin_type=True), raw=False)
         payload = memoryview(bytearray(b"".join(bytes(b) for b in buffers)))
         asyncio.get_running_loop().call_soon(target.dataplane.on_frame, self.sender, msg_type, decoded, payload)
@@ -493,6 +526,20 @@ class FakeHost:
         pass
 
 
+async def infer_in_memory(network: dict[str, FakeHost], gateway: str, inputs: dict[str, torch.Tensor],
+                          workers: list[SegmentWorker]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run one request of toy@v1 from ``gateway`` with its watchdog; close everything after."""
+    watchdog = asyncio.get_running_loop().create_task(network[gateway].dataplane.watchdog())
+    try:
+        return await asyncio.wait_for(network[gateway].dataplane.infer("toy", "v1", inputs, deadline_s=5.0), 5.0)
+    finally:
+        watchdog.cancel()
+        for worker in workers:
+            worker.close()
+        for host in network.values():
+            await host.dataplane.close()
+
+
 @pytest.mark.parametrize(("held_plan", "refused"), [(None, True), (3, True), (1, False)])
 async def test_dataplane_refused_hop_retried_on_replica(held_plan: int | None, refused: bool) -> None:
     """A hop sent to an agent without the segment, or with only a newer plan, is refused and retried.
@@ -521,16 +568,8 @@ async def test_dataplane_refused_hop_retried_on_replica(held_plan: int | None, r
     if held_plan is not None:
         workers.append(SegmentWorker("toy@v1[0..0]-b", run, max_wait_s=0.0))
         network["b"].segments.loaded[key] = FakeSegment(key, workers[1], {held_plan})
-    watchdog = asyncio.get_running_loop().create_task(network["a"].dataplane.watchdog())
     x = torch.randn(2, 4)
-    try:
-        outputs, info = await asyncio.wait_for(network["a"].dataplane.infer("toy", "v1", {"x": x}, deadline_s=5.0), 5.0)
-    finally:
-        watchdog.cancel()
-        for worker in workers:
-            worker.close()
-        for host in network.values():
-            await host.dataplane.close()
+    outputs, info = await infer_in_memory(network, "a", {"x": x}, workers)
 
     serving = "c" if refused else "b"
     assert torch.equal(outputs["y"], run({"x": x})["y"])
@@ -538,3 +577,45 @@ async def test_dataplane_refused_hop_retried_on_replica(held_plan: int | None, r
     assert network[serving].dataplane.counters["hops_run"] == 1
     assert info["attempts"] == (2 if refused else 1)
     assert [hop[2] for hop in info["route"]] == [serving]
+
+
+async def test_dataplane_gateway_records_progress_of_its_own_hop() -> None:
+    """An agent whose next hop is the gateway sends no PROGRESS: the gateway records it on arrival.
+
+    Agent b runs unit 0 and forwards to the gateway a, which holds unit 1 only under a newer plan
+    and refuses. The gateway must still know that b holds the activation at boundary 1, so the
+    retry resumes there on replica c without running unit 0 again.
+    """
+    torch.set_num_threads(1)
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+    placement = placement_from_stages("toy", "v1", 2, 2, [(0, 0, ("b",)), (1, 1, ("a", "c"))])
+    network: dict[str, FakeHost] = {}
+    for node in ("a", "b", "c"):
+        network[node] = FakeHost(node, network, placement)
+
+    def run_first(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"h": first(tensors["x"])}
+
+    def run_second(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"y": second(tensors["h"])}
+
+    workers = [SegmentWorker("toy@v1[0..0]", run_first, max_wait_s=0.0),
+               SegmentWorker("toy@v1[1..1]-a", run_second, max_wait_s=0.0),
+               SegmentWorker("toy@v1[1..1]-c", run_second, max_wait_s=0.0)]
+    network["b"].segments.loaded[("toy", "v1", 0, 0)] = FakeSegment(("toy", "v1", 0, 0), workers[0], {2})
+    network["a"].segments.loaded[("toy", "v1", 1, 1)] = FakeSegment(("toy", "v1", 1, 1), workers[1], {3})
+    network["c"].segments.loaded[("toy", "v1", 1, 1)] = FakeSegment(("toy", "v1", 1, 1), workers[2], {2})
+    FRAMES_SENT.clear()
+    x = torch.randn(2, 4)
+    outputs, info = await infer_in_memory(network, "a", {"x": x}, workers)
+
+    assert torch.equal(outputs["y"], run_second(run_first({"x": x}))["y"])
+    assert info["attempts"] == 2
+    assert [hop[2] for hop in info["route"]] == ["c"]
+    # Unit 0 ran once: the retry resumed from b's activation, which the gateway knew about.
+    assert network["b"].dataplane.counters["hops_run"] == 1
+    assert network["a"].dataplane.counters["refusals_sent"] == 1
+    assert (("b", "a", MsgType.ACTIVATION) in FRAMES_SENT and ("b", "c", MsgType.ACTIVATION) in FRAMES_SENT)
+    assert ("b", "a", MsgType.PROGRESS) not in FRAMES_SENT

@@ -25,6 +25,14 @@ async def _echo(connection: FrameConnection) -> None:
         await connection.send(MsgType.RESULT, frame.header, [frame.payload])
 
 
+async def raw_client(port: int, plane: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain socket that sends HELLO and reads the reply, so a test can write any bytes next."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(b"".join(bytes(piece) for piece in encode_frame(MsgType.HELLO, {"versions": [1], "plane": plane})))
+    await asyncio.wait_for(reader.read(20), timeout=5)  # the server's HELLO reply
+    return reader, writer
+
+
 @pytest.fixture
 async def echo_server() -> AsyncIterator[FrameServer]:
     server = await start_server(HOST, 0, creds=None, handler=_echo)
@@ -103,10 +111,7 @@ async def test_stream_protocol_error_reaches_handler() -> None:
             errors.append(error)
 
     async with await start_server(HOST, 0, creds=None, handler=handler) as server:
-        reader, writer = await asyncio.open_connection(HOST, server.port)
-        hello = encode_frame(MsgType.HELLO, {"versions": [1], "plane": "data"})
-        writer.write(b"".join(bytes(piece) for piece in hello))
-        await asyncio.wait_for(reader.read(20), timeout=5)  # the server's HELLO reply
+        reader, writer = await raw_client(server.port, "data")
         writer.write(b"GET / HTTP/1.1\r\n\r\n" + bytes(20))
         await writer.drain()
         await asyncio.wait_for(reader.read(), timeout=5)
@@ -163,3 +168,82 @@ async def test_stream_server_close_cancels_handlers() -> None:
     with pytest.raises(ConnectionClosed):
         await asyncio.wait_for(connection.recv(), timeout=5)
     connection.close()
+
+
+async def test_stream_deliver_to_pushes_frames_in_order() -> None:
+    """Frames decoded before and after the switch reach the handler once each, in order."""
+    received: list[int] = []
+    ended: list[BaseException] = []
+    switched = asyncio.Event()
+
+    async def handler(connection: FrameConnection) -> None:
+        first = await connection.recv()
+        received.append(first.header["i"])
+        await asyncio.sleep(0.1)  # more frames arrive and are decoded before the switch
+        connection.deliver_to(lambda frame: received.append(frame.header["i"]))
+        switched.set()
+        try:
+            await connection.wait_ended()
+        except (ConnectionClosed, ProtocolError) as exc:
+            ended.append(exc)
+
+    async with await start_server(HOST, 0, creds=None, handler=handler) as server:
+        async with await open_connection(HOST, server.port, creds=None, plane="control") as connection:
+            for index in range(50):
+                await connection.send(MsgType.PING, {"i": index})
+            await asyncio.wait_for(switched.wait(), timeout=5)
+            for index in range(50, 300):
+                await connection.send(MsgType.PING, {"i": index})
+            for _ in range(500):
+                if len(received) == 300:
+                    break
+                await asyncio.sleep(0.01)
+        for _ in range(500):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+    assert received == list(range(300))
+    assert len(ended) == 1 and isinstance(ended[0], ConnectionClosed)
+
+
+@pytest.mark.parametrize("fault", ["handler raises", "malformed bytes"])
+async def test_stream_deliver_to_errors_end_the_connection(fault: str) -> None:
+    """A handler error or a malformed frame closes the connection; wait_ended names the cause."""
+    seen: list[int] = []
+    ended: list[BaseException] = []
+
+    def on_frame(frame) -> None:
+        seen.append(frame.header["i"])
+        if fault == "handler raises" and frame.header["i"] == 2:
+            raise ValueError("handler rejected frame 2")
+
+    async def handler(connection: FrameConnection) -> None:
+        connection.deliver_to(on_frame)
+        try:
+            await connection.wait_ended()
+        except (ConnectionClosed, ProtocolError) as exc:
+            ended.append(exc)
+
+    async with await start_server(HOST, 0, creds=None, handler=handler) as server:
+        reader, writer = await raw_client(server.port, "control")
+        for index in range(4):
+            writer.write(b"".join(bytes(piece) for piece in encode_frame(MsgType.PING, {"i": index})))
+        await writer.drain()
+        if fault == "malformed bytes":
+            await asyncio.sleep(0.2)  # the good frames arrive in reads of their own
+            writer.write(b"GET / HTTP/1.1\r\n\r\n" + bytes(20))
+            await writer.drain()
+        await asyncio.wait_for(reader.read(), timeout=5)  # the server closes the connection
+        writer.close()
+        for _ in range(100):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+    assert len(ended) == 1
+    if fault == "handler raises":
+        assert seen == [0, 1, 2]
+        assert isinstance(ended[0], ConnectionClosed) and "closed" in str(ended[0])
+        assert isinstance(ended[0].__cause__ or getattr(ended[0], "cause", None), ValueError)
+    else:
+        assert seen == [0, 1, 2, 3]
+        assert isinstance(ended[0], ProtocolError) and ended[0].field == "magic"

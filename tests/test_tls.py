@@ -108,6 +108,12 @@ async def test_tls_endpoints_exchange_frames(tmp_path: Path) -> None:
                 assert reply.header["i"] == index
                 assert torch.equal(decode_frame_tensors(reply)["h"], tensor)
             assert connection.bytes_sent > 3 * tensor.numel() * 4
+            # Activations of several tensors, small enough to be joined into one write on TLS.
+            for rows in (1, 4, 16):
+                tensors = {"h": torch.randn(rows, 16, 384), "mask": torch.ones(rows, 16, dtype=torch.int64)}
+                await connection.send_tensors(MsgType.ACTIVATION, {"i": rows}, tensors)
+                decoded = decode_frame_tensors(await connection.recv())
+                assert all(torch.equal(decoded[name], tensor) for name, tensor in tensors.items())
 
 
 async def _expect_server_rejection(server_creds: NodeCredentials, client_creds: NodeCredentials, reason: str) -> None:

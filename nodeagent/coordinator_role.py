@@ -223,7 +223,7 @@ class CoordinatorRole:
                                    name, version, placement.plan_version, repaired.plan_version, _describe(repaired))
                     if self.host.metrics is not None:
                         self.host.metrics.count_failover("segment_replaced")
-                    repaired, best = self._check_repair(name, version, entry, repaired, alive)
+                    repaired, best = await self._check_repair(name, version, entry, repaired, alive)
                     # One write: requests run on the repair at once while agents load the best
                     # placement next to it, and _advance_replan switches once it is loaded.
                     await self.commit(lambda reg, p=repaired, b=best: _store_repair(reg, p, b))
@@ -280,7 +280,7 @@ class CoordinatorRole:
         if not joined:
             return False
         try:
-            better = self._replan_for_join(name, version, entry, placement, alive, plan_version)
+            better = await self._replan_for_join(name, version, entry, placement, alive, plan_version)
         except PlanError as exc:
             logger.log(self._join_log_level, "no re-plan of model=%s version=%s after %s joined: %s",
                        name, version, ",".join(sorted(joined)), exc)
@@ -380,7 +380,7 @@ class CoordinatorRole:
         return Placement(placement.model, placement.version, plan_version + 1, placement.unit_count,
                          tuple(segments), placement.predicted_period_s, placement.predicted_latency_s, False)
 
-    def _check_repair(self, name: str, version: str, entry: dict, repaired: Placement,
+    async def _check_repair(self, name: str, version: str, entry: dict, repaired: Placement,
                       alive: set[str]) -> tuple[Placement, Placement | None]:
         """Compare a local repair with the best placement over the survivors.
 
@@ -394,9 +394,10 @@ class CoordinatorRole:
                 logger.info("local repair of model=%s version=%s kept unchecked: its deploy fixed the plan's "
                             "shape with max_stages", name, version)
                 return repaired, None
-            check = replanning.check_repair(
-                shape, repaired, self._planner_devices(survivors), replicas=int(entry.get("replicas", 1)) > 1,
-                plan_version=repaired.plan_version + 1)
+            # On a thread, like every planner search (see _plan).
+            check = await asyncio.to_thread(
+                replanning.check_repair, shape, repaired, self._planner_devices(survivors),
+                replicas=int(entry.get("replicas", 1)) > 1, plan_version=repaired.plan_version + 1)
         except PlanError as exc:
             logger.warning("local repair of model=%s version=%s kept: no plan over the survivors to compare "
                            "it with: %s", name, version, exc)
@@ -473,7 +474,7 @@ class CoordinatorRole:
             job = await self._export(source, deployment, options)
             deployment.percent = 40.0
             deployment.message = "planning"
-            placement, predicted = self._plan(deployment.model, deployment.version, job, replicas, options)
+            placement, predicted = await self._plan(deployment.model, deployment.version, job, replicas, options)
             deployment.percent = 50.0
             if replicas > 1 and all(len(segment.agents) == 1 for segment in placement.segments):
                 deployment.note = ("no replicas: the plan uses every agent for a pipeline stage, and replicas "
@@ -545,50 +546,15 @@ class CoordinatorRole:
             if not self.host.store.has(blob.name):
                 self.host.store.put(blob.read_bytes(), expected_sha256=blob.name)
 
-    def _plan(self, name: str, version: str, job: dict, replicas: int, options: dict | None = None) -> tuple[Placement, dict]:
-        """Plan a placement over the alive agents.
-
-        Segments start and end only at the job's allowed cuts, and every required cut (the trunk
-        end and the head ends of a branch model) separates two segments.
-        ``options["max_stages"]`` (an integer from 1 to the number of agents) limits the pipeline
-        to the first that many agents in id order. With ``replicas > 1`` the other agents then
-        replicate the slowest stages. Benchmarks and tests use it to get a known shape.
-        """
+    async def _plan(self, name: str, version: str, job: dict, replicas: int,
+                    options: dict | None = None) -> tuple[Placement, dict]:
+        """Plan a placement over the alive agents, on a worker thread (see `_plan_for_devices`)."""
         alive = sorted(a for a in self.alive_agents() if not self._is_witness(a))
         devices = self._planner_devices(alive)
-        # The planner places unit groups, the units between two allowed cuts, so every stage
-        # boundary it picks is an allowed cut. expand_stages maps the stages back to units.
-        groups = unit_groups(len(job["profile"]), _allowed_cuts(job))
-        merged = merge_profile(job["profile"], _allowed_cuts(job))
-        layers = [Layer(l["name"], float(l["seconds"]), int(l["weight_bytes"]), int(l["output_bytes"])) for l in merged]
-        if not devices:
-            raise PlanError("no alive agent can run segments (only witnesses are up)")
-        max_stages = (options or {}).get("max_stages")
-        if max_stages is None:
-            result = make_plan(devices, layers, replicas=replicas > 1)
-            stages = [(stage.first_layer, stage.last_layer, stage.devices) for stage in result.stages]
-        else:
-            if isinstance(max_stages, bool) or not isinstance(max_stages, int) or not 1 <= max_stages <= len(devices):
-                raise PlanError(f"options.max_stages is {max_stages!r}; use an integer from 1 to {len(devices)} "
-                                f"(the number of alive agents that can run segments)")
-            result = make_plan(devices[:max_stages], layers, replicas=False)
-            stages = [(stage.first_layer, stage.last_layer, stage.devices) for stage in result.stages]
-            if replicas > 1:
-                # NOTE: the predicted period below is then that of the pipeline without these replicas.
-                stages = _replicate_slowest(stages, [device.id for device in devices[max_stages:]], layers)
-        # A branch model is planned as one chain over all its units, and a required cut that falls
-        # inside a stage splits it on the same agents.
-        # NOTE: the cost model then charges every head to each request, so the predicted period
-        # and latency of a branch model are upper bounds, not the optimum for one task's route.
-        stages = expand_stages(stages, groups, job.get("required_cuts") or ())
-        placement = placement_from_stages(
-            name, version, 0, len(job["profile"]), stages,
-            predicted_period_s=result.period_s, predicted_latency_s=result.latency_s, optimal=result.optimal)
-        predicted = {"period_s": result.period_s, "latency_s": result.latency_s,
-                     "throughput_rps_per_item": 1.0 / result.period_s if result.period_s > 0 else None,
-                     "optimal": result.optimal, "lower_bound_s": result.lower_bound_s,
-                     "profile_batch": job.get("profile_batch")}
-        return placement, predicted
+        # The search is pure Python and takes up to about a second for a dozen agents and
+        # hundreds of units. On a thread it shares the GIL with the event loop in switch-interval
+        # slices, so heartbeats and elections keep running while it searches.
+        return await asyncio.to_thread(_plan_for_devices, name, version, job, replicas, options, devices)
 
     def _planner_devices(self, agents: list[str]) -> list[Device]:
         """Describe agents to the planner: speed relative to this agent, free memory, link."""
@@ -611,7 +577,7 @@ class CoordinatorRole:
         # A join's first evaluation is logged at INFO, its re-checks at DEBUG.
         return logging.INFO if self._join_is_new else logging.DEBUG
 
-    def _replan_for_join(self, name: str, version: str, entry: dict, placement: Placement, alive: set[str],
+    async def _replan_for_join(self, name: str, version: str, entry: dict, placement: Placement, alive: set[str],
                          plan_version: int) -> Placement | None:
         """Return a better placement over the grown cluster, or None to keep the current one.
 
@@ -626,9 +592,10 @@ class CoordinatorRole:
                        "fixed the plan's shape with max_stages", name, version)
             return None
         agents = sorted(a for a in alive if not self._is_witness(a))
-        better, current_cost, best_cost = replanning.plan_after_join(
-            shape, placement, self._planner_devices(agents), hysteresis=REPLAN_HYSTERESIS,
-            replicas=int(entry.get("replicas", 1)) > 1, plan_version=plan_version + 1)
+        # On a thread, like every planner search (see _plan).
+        better, current_cost, best_cost = await asyncio.to_thread(
+            replanning.plan_after_join, shape, placement, self._planner_devices(agents),
+            hysteresis=REPLAN_HYSTERESIS, replicas=int(entry.get("replicas", 1)) > 1, plan_version=plan_version + 1)
         if better is None:
             logger.log(self._join_log_level, "keeping the plan of model=%s version=%s after a join: best period "
                        "%.4f s, current %.4f s, a move needs more than %.0f %% gain", name, version,
@@ -735,6 +702,51 @@ def _segmentation_arguments(options: dict) -> list[str]:
                              f"such as \"encoder.layer.\"")
         arguments += ["--block-prefix", block_prefix]
     return arguments
+
+
+def _plan_for_devices(name: str, version: str, job: dict, replicas: int, options: dict | None,
+                      devices: list[Device]) -> tuple[Placement, dict]:
+    """Plan a placement of an export job over ``devices`` (pure: safe to run on a thread).
+
+    Segments start and end only at the job's allowed cuts, and every required cut (the trunk
+    end and the head ends of a branch model) separates two segments.
+    ``options["max_stages"]`` (an integer from 1 to the number of agents) limits the pipeline
+    to the first that many agents in id order. With ``replicas > 1`` the other agents then
+    replicate the slowest stages. Benchmarks and tests use it to get a known shape.
+    """
+    # The planner places unit groups, the units between two allowed cuts, so every stage
+    # boundary it picks is an allowed cut. expand_stages maps the stages back to units.
+    groups = unit_groups(len(job["profile"]), _allowed_cuts(job))
+    merged = merge_profile(job["profile"], _allowed_cuts(job))
+    layers = [Layer(l["name"], float(l["seconds"]), int(l["weight_bytes"]), int(l["output_bytes"])) for l in merged]
+    if not devices:
+        raise PlanError("no alive agent can run segments (only witnesses are up)")
+    max_stages = (options or {}).get("max_stages")
+    if max_stages is None:
+        result = make_plan(devices, layers, replicas=replicas > 1)
+        stages = [(stage.first_layer, stage.last_layer, stage.devices) for stage in result.stages]
+    else:
+        if isinstance(max_stages, bool) or not isinstance(max_stages, int) or not 1 <= max_stages <= len(devices):
+            raise PlanError(f"options.max_stages is {max_stages!r}; use an integer from 1 to {len(devices)} "
+                            f"(the number of alive agents that can run segments)")
+        result = make_plan(devices[:max_stages], layers, replicas=False)
+        stages = [(stage.first_layer, stage.last_layer, stage.devices) for stage in result.stages]
+        if replicas > 1:
+            # NOTE: the predicted period below is then that of the pipeline without these replicas.
+            stages = _replicate_slowest(stages, [device.id for device in devices[max_stages:]], layers)
+    # A branch model is planned as one chain over all its units, and a required cut that falls
+    # inside a stage splits it on the same agents.
+    # NOTE: the cost model then charges every head to each request, so the predicted period
+    # and latency of a branch model are upper bounds, not the optimum for one task's route.
+    stages = expand_stages(stages, groups, job.get("required_cuts") or ())
+    placement = placement_from_stages(
+        name, version, 0, len(job["profile"]), stages,
+        predicted_period_s=result.period_s, predicted_latency_s=result.latency_s, optimal=result.optimal)
+    predicted = {"period_s": result.period_s, "latency_s": result.latency_s,
+                 "throughput_rps_per_item": 1.0 / result.period_s if result.period_s > 0 else None,
+                 "optimal": result.optimal, "lower_bound_s": result.lower_bound_s,
+                 "profile_batch": job.get("profile_batch")}
+    return placement, predicted
 
 
 def _replicate_slowest(stages: list[tuple[int, int, tuple[str, ...]]], spare: list[str], layers: list[Layer]) -> list:

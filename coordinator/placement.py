@@ -22,7 +22,7 @@ Everything here is pure: records, conversions and route choice. No I/O.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -192,6 +192,7 @@ def choose_route(
     outstanding: Mapping[str, int],
     usable: Iterable[str],
     route_units: Sequence[int] | None = None,
+    excluded_hops: Collection[tuple[str, int]] = (),
 ) -> list[Hop] | None:
     """Pick a route from boundary ``start`` to the end of the request's route, or None when none exists.
 
@@ -199,7 +200,9 @@ def choose_route(
     replica listed first, which is the planner's choice. The route must begin with a segment
     that starts exactly at ``start``, because an activation held there cannot enter a segment
     half-way. ``route_units`` restricts the walk to one task's segments of a branch model (see
-    ``segments_on_route``); None walks every segment.
+    ``segments_on_route``); None walks every segment. ``excluded_hops`` holds (agent, first
+    unit) pairs that must not be used, such as a segment that an agent just refused, while the
+    agent stays usable for its other segments.
     """
     segments = segments_on_route(placement, route_units)
     if segments is None:
@@ -212,7 +215,8 @@ def choose_route(
     usable_set = set(usable)
     route: list[Hop] = []
     for segment in segments[firsts.index(start):]:
-        candidates = [agent for agent in segment.agents if agent in usable_set]
+        candidates = [agent for agent in segment.agents
+                      if agent in usable_set and (agent, segment.first) not in excluded_hops]
         if not candidates:
             return None
         best = min(candidates, key=lambda agent: (outstanding.get(agent, 0), segment.agents.index(agent)))

@@ -76,6 +76,8 @@ class GatewayRequest:
     task: str | None = None
     route_units: tuple[int, ...] | None = None
     excluded: dict[str, float] = field(default_factory=dict)
+    # (agent, first unit) -> until: a segment the agent refused; its other segments stay usable.
+    excluded_hops: dict[tuple[str, int], float] = field(default_factory=dict)
     route: list[Hop] = field(default_factory=list)
     result_info: dict = field(default_factory=dict)
 
@@ -155,6 +157,9 @@ class DataPlane:
         for agent, until in list(state.excluded.items()):
             if until <= now:
                 del state.excluded[agent]
+        for hop, until in list(state.excluded_hops.items()):
+            if until <= now:
+                del state.excluded_hops[hop]
         return self.host.usable_agents() - set(state.excluded)
 
     def _launch(self, request_id: str, point: ResumePoint, *, reason: str) -> None:
@@ -173,7 +178,7 @@ class DataPlane:
             cuts = route_cuts(placement, state.route_units)
             point = self.tracker.resume_point(request_id, usable=usable, cuts=cuts)
         route = choose_route(placement, point.boundary, outstanding=self._outstanding, usable=usable,
-                             route_units=state.route_units)
+                             route_units=state.route_units, excluded_hops=state.excluded_hops)
         if route is None:
             reason = self._no_route_reason(placement, state, point.boundary, usable)
             if reason != request.stalled_reason:
@@ -214,9 +219,13 @@ class DataPlane:
             return (f"placement plan {placement.plan_version} has no segments that cover the route of task "
                     f"{state.task!r} (units {list(state.route_units or ())})")
         for segment in segments:
-            if segment.last >= boundary and not any(agent in usable for agent in segment.agents):
+            holders = [agent for agent in segment.agents
+                       if agent in usable and (agent, segment.first) not in state.excluded_hops]
+            if segment.last >= boundary and not holders:
+                refused = sorted(agent for agent, first in state.excluded_hops if first == segment.first)
                 return (f"no usable agent has loaded the segment starting at unit {segment.first} "
-                        f"(usable agents: {', '.join(sorted(usable)) or 'none'})")
+                        f"(usable agents: {', '.join(sorted(usable)) or 'none'}"
+                        + (f"; refused it just now: {', '.join(refused)}" if refused else "") + ")")
         return f"no segment starts at boundary {boundary} on the request's route"
 
     def _activation_header(self, request: InflightRequest, placement: Placement, attempt: int, route: list[Hop]) -> dict:
@@ -245,12 +254,16 @@ class DataPlane:
 
         self.host.links.send_nowait(peer, msg_type, header, buffers, plane=plane, on_error=failed)
 
-    def _hop_failed(self, request_id: str, agent: str, reason: str) -> None:
+    def _hop_failed(self, request_id: str, agent: str, reason: str, *, first: int | None = None) -> None:
+        """Exclude ``agent`` for a while (only its segment at unit ``first`` when given) and retry."""
         state = self._requests.get(request_id)
         if state is None:
             # The failure happened on another agent's behalf: tell the gateway through PROGRESS.
             return
-        state.excluded[agent] = time.monotonic() + self.exclusion_s
+        if first is None:
+            state.excluded[agent] = time.monotonic() + self.exclusion_s
+        else:
+            state.excluded_hops[(agent, first)] = time.monotonic() + self.exclusion_s
         self._launch(request_id, ResumePoint(-1, GATEWAY_HOLDER), reason=reason)
 
     # ----------------------------------------------------------------- gateway: incoming
@@ -297,7 +310,11 @@ class DataPlane:
         if request is None or int(header.get("att", 0)) != request.attempt:
             return
         logger.info("hop refused rid=%s by=%s: %s", request_id, sender, header.get("reason"))
-        self._hop_failed(request_id, sender, f"agent {sender} refused: {header.get('reason')}")
+        first = header.get("first")
+        # A refusal names the segment: exclude only that one, so the agent's other segments stay
+        # on the route. A refusal without it (an older agent) excludes the agent.
+        self._hop_failed(request_id, sender, f"agent {sender} refused: {header.get('reason')}",
+                         first=first if isinstance(first, int) and not isinstance(first, bool) else None)
 
     def agent_lost(self, agent_id: str, reason: str) -> None:
         """Resume every request whose current route needs ``agent_id``."""
@@ -389,11 +406,14 @@ class DataPlane:
 
         self.host.links.send_nowait(hop.agent, MsgType.ACTIVATION, frame_header, buffers, plane="data", on_error=failed)
 
-    def _refuse(self, header: dict, reason: str) -> None:
+    def _refuse(self, header: dict, reason: str, *, first: int | None = None) -> None:
+        """Refuse a hop; ``first`` names the refused segment's first unit when it is known."""
         self.counters["refusals_sent"] += 1
         logger.info("refusing hop rid=%s hop=%s: %s", header.get("rid"), header.get("hop"), reason)
-        self._report(header, {"rid": header.get("rid"), "att": header.get("att"), "reason": reason},
-                     msg_type=MsgType.HOP_REFUSE)
+        body = {"rid": header.get("rid"), "att": header.get("att"), "reason": reason}
+        if first is not None:
+            body["first"] = first
+        self._report(header, body, msg_type=MsgType.HOP_REFUSE)
 
     def _report(self, header: dict, body: dict, *, msg_type: MsgType = MsgType.PROGRESS) -> None:
         """Send a small control message to the request's gateway (or handle it here)."""
@@ -431,11 +451,13 @@ class DataPlane:
             return
         segment = self.host.segments.get(header.get("model"), header.get("version"), hop.first, hop.last)
         if segment is None:
-            self._refuse(header, f"segment units {hop.first}..{hop.last} of {header.get('model')}@{header.get('version')} is not loaded here")
+            self._refuse(header, f"segment units {hop.first}..{hop.last} of {header.get('model')}@{header.get('version')} is not loaded here",
+                         first=hop.first)
             return
         plan_version = int(header.get("plan", -1))
         if plan_version not in segment.plan_versions and plan_version < max(segment.plan_versions):
-            self._refuse(header, f"plan version {plan_version} is not held here (holds {sorted(segment.plan_versions)})")
+            self._refuse(header, f"plan version {plan_version} is not held here (holds {sorted(segment.plan_versions)})",
+                         first=hop.first)
             return
         # A newer plan version that names this exact segment is served: the gateway saw the
         # commit before this agent did, and the units to run are the same under both plans.
@@ -469,7 +491,7 @@ class DataPlane:
         if isinstance(error, (QueueFull, WorkerClosed)):
             # Backpressure, or the segment was unloaded (re-placement, failed canary): refuse the
             # hop so the gateway retries on another replica or after the reload.
-            self._refuse(header, str(error))
+            self._refuse(header, str(error), first=Hop.from_list(header["route"][hop_index]).first)
             return
         if isinstance(error, WorkerDeadline):
             logger.info("hop passed its deadline in the queue rid=%s segment=%s", request_id, segment.key)

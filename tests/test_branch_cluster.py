@@ -92,6 +92,17 @@ def test_choose_route_for_task() -> None:
     assert embed == [Hop(0, 1, "a"), Hop(3, 3, "b"), Hop(4, 4, "a")]
 
 
+def test_choose_route_skips_excluded_hops_only() -> None:
+    placement = placement_from_stages("chain", "v1", 1, 3, [(0, 0, ["a"]), (1, 1, ["a", "b"]), (2, 2, ["a"])])
+    usable = {"a", "b"}
+    assert choose_route(placement, 0, outstanding={}, usable=usable) == [Hop(0, 0, "a"), Hop(1, 1, "a"), Hop(2, 2, "a")]
+    # a refused unit 1: it still runs units 0 and 2, and b takes unit 1.
+    assert choose_route(placement, 0, outstanding={}, usable=usable, excluded_hops={("a", 1)}) == [
+        Hop(0, 0, "a"), Hop(1, 1, "b"), Hop(2, 2, "a")]
+    # With no other holder of the refused segment there is no route.
+    assert choose_route(placement, 0, outstanding={}, usable=usable, excluded_hops={("a", 2)}) is None
+
+
 def test_choose_route_resumes_at_head_start() -> None:
     placement = _branch_placement()
     usable = {"a", "b", "c"}

@@ -579,16 +579,11 @@ async def test_dataplane_refused_hop_retried_on_replica(held_plan: int | None, r
     assert [hop[2] for hop in info["route"]] == [serving]
 
 
-async def test_dataplane_gateway_records_progress_of_its_own_hop() -> None:
-    """An agent whose next hop is the gateway sends no PROGRESS: the gateway records it on arrival.
-
-    Agent b runs unit 0 and forwards to the gateway a, which holds unit 1 only under a newer plan
-    and refuses. The gateway must still know that b holds the activation at boundary 1, so the
-    retry resumes there on replica c without running unit 0 again.
-    """
+def two_unit_network(stages: list) -> tuple[dict[str, FakeHost], Callable, Callable]:
+    """Agents a (the gateway), b and c with a two-unit toy model placed as ``stages``."""
     torch.set_num_threads(1)
     first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
-    placement = placement_from_stages("toy", "v1", 2, 2, [(0, 0, ("b",)), (1, 1, ("a", "c"))])
+    placement = placement_from_stages("toy", "v1", 2, 2, stages)
     network: dict[str, FakeHost] = {}
     for node in ("a", "b", "c"):
         network[node] = FakeHost(node, network, placement)
@@ -601,6 +596,17 @@ async def test_dataplane_gateway_records_progress_of_its_own_hop() -> None:
         with torch.no_grad():
             return {"y": second(tensors["h"])}
 
+    return network, run_first, run_second
+
+
+async def test_dataplane_gateway_records_progress_of_its_own_hop() -> None:
+    """An agent whose next hop is the gateway sends no PROGRESS: the gateway records it on arrival.
+
+    Agent b runs unit 0 and forwards to the gateway a, which holds unit 1 only under a newer plan
+    and refuses. The gateway must still know that b holds the activation at boundary 1, so the
+    retry resumes there on replica c without running unit 0 again.
+    """
+    network, run_first, run_second = two_unit_network([(0, 0, ("b",)), (1, 1, ("a", "c"))])
     workers = [SegmentWorker("toy@v1[0..0]", run_first, max_wait_s=0.0),
                SegmentWorker("toy@v1[1..1]-a", run_second, max_wait_s=0.0),
                SegmentWorker("toy@v1[1..1]-c", run_second, max_wait_s=0.0)]
@@ -619,3 +625,26 @@ async def test_dataplane_gateway_records_progress_of_its_own_hop() -> None:
     assert network["a"].dataplane.counters["refusals_sent"] == 1
     assert (("b", "a", MsgType.ACTIVATION) in FRAMES_SENT and ("b", "c", MsgType.ACTIVATION) in FRAMES_SENT)
     assert ("b", "a", MsgType.PROGRESS) not in FRAMES_SENT
+
+
+async def test_dataplane_refusal_excludes_only_the_refused_segment() -> None:
+    """A refused segment is avoided, but the refusing agent keeps serving its other segments.
+
+    Agent b holds unit 0, the only copy, and is listed first for unit 1, which it has not loaded
+    (as during a plan switch). Its refusal must exclude b for unit 1 only: excluding the whole
+    agent would leave unit 0 without a holder, and the request would wait and be refused again.
+    """
+    network, run_first, run_second = two_unit_network([(0, 0, ("b",)), (1, 1, ("b", "c"))])
+    workers = [SegmentWorker("toy@v1[0..0]", run_first, max_wait_s=0.0),
+               SegmentWorker("toy@v1[1..1]-c", run_second, max_wait_s=0.0)]
+    network["b"].segments.loaded[("toy", "v1", 0, 0)] = FakeSegment(("toy", "v1", 0, 0), workers[0], {2})
+    network["c"].segments.loaded[("toy", "v1", 1, 1)] = FakeSegment(("toy", "v1", 1, 1), workers[1], {2})
+    x = torch.randn(2, 4)
+    outputs, info = await infer_in_memory(network, "a", {"x": x}, workers)
+
+    assert torch.equal(outputs["y"], run_second(run_first({"x": x}))["y"])
+    assert network["b"].dataplane.counters["refusals_sent"] == 1
+    assert info["attempts"] == 2
+    assert info["route"][-1][2] == "c"
+    # Excluding all of b would have stalled the retry until the exclusion ended.
+    assert info["latency_s"] < network["a"].dataplane.exclusion_s, info

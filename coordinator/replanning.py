@@ -141,7 +141,7 @@ class RepairCheck:
 def shape_from_entry(entry: Mapping, unit_count: int) -> ModelShape | None:
     """Build the shape of a registry version entry; None when the deploy stored no profile.
 
-    A deploy stores no profile when ``max_stages`` fixed the plan's shape by hand, and then the
+    Deploys made before profiles were kept for ``max_stages`` versions stored none, and such a
     version is never re-planned. Raises ``PlanError`` when the stored rows do not match the model.
     """
     profile = entry.get("profile")

@@ -25,8 +25,10 @@ election core, which commits a value once a majority of voters has persisted it.
   lowers the period by more than REPLAN_HYSTERESIS becomes the pending placement. Chains (layer
   and block strategies) and branch models are planned on their unit groups, so cuts stay on
   allowed cuts and heads stay apart. A branch model is priced at its worst task mix. A version
-  deployed with ``max_stages`` keeps its hand-fixed shape. A new agent's link numbers settle
-  over its first seconds, so a join is evaluated again every JOIN_RECHECK_S for JOIN_WINDOW_S.
+  deployed with ``max_stages`` keeps its hand-fixed stages; if it was deployed with replicas, a
+  join only makes the agents that hold none of it replicas again, as the deploy did. A new
+  agent's link numbers settle over its first seconds, so a join is evaluated again every
+  JOIN_RECHECK_S for JOIN_WINDOW_S.
 
 A new coordinator needs no hand-over: it reads the committed registry, rebuilds its view of
 agents from their heartbeats, and the same loop finishes whatever the old one left half done.
@@ -381,7 +383,7 @@ class CoordinatorRole:
                          tuple(segments), placement.predicted_period_s, placement.predicted_latency_s, False)
 
     async def _check_repair(self, name: str, version: str, entry: dict, repaired: Placement,
-                      alive: set[str]) -> tuple[Placement, Placement | None]:
+                            alive: set[str]) -> tuple[Placement, Placement | None]:
         """Compare a local repair with the best placement over the survivors.
 
         Returns the repair (with its predicted period when it could be priced) and the best
@@ -390,7 +392,7 @@ class CoordinatorRole:
         survivors = sorted(a for a in alive if not self._is_witness(a))
         try:
             shape = replanning.shape_from_entry(entry, repaired.unit_count)
-            if shape is None:
+            if shape is None or entry.get("max_stages"):
                 logger.info("local repair of model=%s version=%s kept unchecked: its deploy fixed the plan's "
                             "shape with max_stages", name, version)
                 return repaired, None
@@ -495,8 +497,10 @@ class CoordinatorRole:
                 entry["rollout"] = rollout
                 entry["canary_weight"] = float(options.get("canary_weight", 0.1))
                 entry["unit_weight_bytes"] = [layer["weight_bytes"] for layer in job["profile"]]
-                # Kept for re-planning after joins and deaths; None when the plan's shape was fixed by hand.
-                entry["profile"] = None if options.get("max_stages") else job["profile"]
+                # Kept for re-planning after joins and deaths. A shape fixed by hand with max_stages
+                # is kept, and joins only restore its replicas (_restore_replicas).
+                entry["profile"] = job["profile"]
+                entry["max_stages"] = options.get("max_stages")
                 entry["predicted"] = predicted
                 entry["tokenizer"] = job.get("tokenizer")
                 entry["canary"] = job.get("canary")
@@ -572,13 +576,42 @@ class CoordinatorRole:
             ))
         return devices
 
+    def _restore_replicas(self, name: str, version: str, entry: dict, placement: Placement, alive: set[str],
+                          plan_version: int) -> Placement | None:
+        """Give agents that hold nothing of a ``max_stages`` version back to it as replicas.
+
+        Its stages stay as the deploy fixed them. As at the deploy, with ``replicas`` above 1
+        every spare agent replicates the stage with the most profiled seconds per holder, so a
+        replica lost with its agent comes back when the agent returns. None when nothing changes.
+        """
+        if int(entry.get("replicas", 1)) <= 1 or not entry.get("profile"):
+            logger.log(self._join_log_level, "model=%s version=%s keeps its hand-fixed shape after a join "
+                       "(deployed with max_stages and no replicas)", name, version)
+            return None
+        spare = sorted(a for a in alive if a not in placement.agents and not self._is_witness(a))
+        if not spare:
+            return None
+        layers = [Layer(str(row["name"]), float(row["seconds"]), int(row["weight_bytes"]), int(row["output_bytes"]))
+                  for row in entry["profile"]]
+        if len(layers) != placement.unit_count:
+            logger.warning("model=%s version=%s: stored profile has %d rows for %d units; replicas not restored",
+                           name, version, len(layers), placement.unit_count)
+            return None
+        stages = _replicate_slowest([(s.first, s.last, s.agents) for s in placement.segments], spare, layers)
+        segments = tuple(SegmentPlacement(segment.index, first, last, tuple(agents))
+                         for segment, (first, last, agents) in zip(placement.segments, stages))
+        logger.info("model=%s version=%s: agents %s replicate its hand-fixed stages again", name, version,
+                    ",".join(spare))
+        return Placement(placement.model, placement.version, plan_version + 1, placement.unit_count, segments,
+                         placement.predicted_period_s, placement.predicted_latency_s, False)
+
     @property
     def _join_log_level(self) -> int:
         # A join's first evaluation is logged at INFO, its re-checks at DEBUG.
         return logging.INFO if self._join_is_new else logging.DEBUG
 
     async def _replan_for_join(self, name: str, version: str, entry: dict, placement: Placement, alive: set[str],
-                         plan_version: int) -> Placement | None:
+                               plan_version: int) -> Placement | None:
         """Return a better placement over the grown cluster, or None to keep the current one.
 
         Chains (layer and block strategies) and branch models are planned on their unit groups,
@@ -586,6 +619,8 @@ class CoordinatorRole:
         placements are priced on every route (``coordinator.replanning``), and the current one
         stays unless the new one lowers the period by more than REPLAN_HYSTERESIS.
         """
+        if entry.get("max_stages"):
+            return self._restore_replicas(name, version, entry, placement, alive, plan_version)
         shape = replanning.shape_from_entry(entry, placement.unit_count)
         if shape is None:
             logger.log(self._join_log_level, "model=%s version=%s is not re-planned after a join: its deploy "

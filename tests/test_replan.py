@@ -6,7 +6,9 @@ coordinator must load a three-agent plan in the background and switch to it. Min
 chain, ``build_mlp_stack`` is deployed with block cuts, and ``build_wide_branch`` is a branch
 model (tests/toymodels.py). In the death test one agent of a three-agent deploy is killed with
 SIGKILL: the local repair overloads one survivor, so the coordinator moves on to the best plan
-over the survivors. Requests keep succeeding with correct outputs throughout.
+over the survivors. A version whose shape ``max_stages`` fixed is not re-planned, but a replica
+lost with its agent comes back when the agent does. Requests keep succeeding with correct
+outputs throughout.
 """
 
 from __future__ import annotations
@@ -230,3 +232,43 @@ def test_repair_replaced_by_best_plan_after_kill(toy_cluster: LocalCluster) -> N
     assert final_plan == deployed_plan + 2, f"plan {deployed_plan} -> {final_plan}; placements seen: {seen}"
     for index in (cluster.index_of(agent) for agent in survivors):
         _infer_toy(cluster, index, "stack", inputs, want)
+
+
+def test_max_stages_replica_restored_when_its_agent_returns(toy_cluster: LocalCluster) -> None:
+    """A version whose shape max_stages fixed keeps its stages, and gets a lost replica back."""
+    cluster = toy_cluster
+    torch.set_num_threads(1)
+    cluster.start()
+    status = cluster.wait_formed(60)
+    info = cluster.deploy("stack", "v1", "factory:toymodels:build_mlp_stack", timeout_s=90, replicas=2,
+                          options={"max_stages": 1})
+    before = _spans(info["versions"][0]["segments"])
+    # One stage on agent-0; the two other agents replicate it.
+    assert before == [(0, toymodels.MLP_STACK_DEPTH - 1, ("agent-0", "agent-1", "agent-2"))], before
+    coordinator = status["coordinator"]["node_id"]
+    victim = next(agent for agent in ("agent-1", "agent-2") if agent != coordinator)
+    via = cluster.index_of(coordinator)
+    model, _ = toymodels.build_mlp_stack()
+    inputs = {"input": torch.randn(2, toymodels.MLP_WIDTH)}
+    with torch.no_grad():
+        want = {None: model(inputs["input"])}
+
+    def wait_for_holders(expected: set[str]) -> list:
+        deadline = time.monotonic() + SWITCH_TIMEOUT_S
+        spans = before
+        while time.monotonic() < deadline:
+            _infer_toy(cluster, via, "stack", inputs, want)
+            spans = _spans(_segments(cluster, via, "stack"))
+            if len(spans) == 1 and set(spans[0][2]) == expected:
+                return spans
+            time.sleep(0.3)
+        raise AssertionError(f"holders never became {sorted(expected)}; last placement {spans}")
+
+    cluster.kill(cluster.index_of(victim))
+    wait_for_holders(set(cluster.node_ids) - {victim})
+    cluster.start_agent(cluster.index_of(victim))
+    cluster.wait_started(cluster.index_of(victim))  # its admin port is new
+    after = wait_for_holders(set(cluster.node_ids))
+    # The stage itself did not move: the returning agent is a replica again.
+    assert after[0][:2] == before[0][:2] and after[0][2][0] == "agent-0", after
+    _infer_toy(cluster, cluster.index_of(victim), "stack", inputs, want)

@@ -133,6 +133,10 @@ class TimingConfig:
     indirect_probe_timeout_s: float = _field(
         1.0, "Time allowed for another member to confirm that it cannot reach a suspect.",
         min=0.01, max=600.0)
+    link_probe_interval_s: float = _field(
+        60.0, "Interval between bandwidth probes (2 MiB on the data plane) to each member. The "
+        "planner uses the fastest of the last four, so one probe slowed by other work does not "
+        "steer it. 0 probes once per connection only.", min=0.0, max=86400.0)
     election_timeout_min_s: float = _field(
         1.5, "Lower bound of the randomized election timeout: a voter that hears no coordinator "
         "for this long starts a pre-vote.", min=0.05, max=600.0)
@@ -279,6 +283,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "suspect_after_s": 5.0,
             "dead_after_s": 15.0,
             "indirect_probe_timeout_s": 3.0,
+            "link_probe_interval_s": 300.0,
             "election_timeout_min_s": 5.0,
             "election_timeout_max_s": 10.0,
             "lease_s": 3.0,

@@ -13,8 +13,11 @@ asks for an indirect probe through another member, and declares it dead only whe
 cannot reach it either, so one bad link cannot kill a healthy node. A member that sends LEAVE is
 removed at once. The detector's timeouts widen while this agent's own event loop lags.
 
-Link bandwidth to each member is measured once per connection with a bounded probe
-(``BANDWIDTH_PROBE_BYTES``) on the data plane; the planner uses it.
+Link bandwidth to each member is measured with a bounded probe (``BANDWIDTH_PROBE_BYTES``) on the
+data plane when the link comes up and then every ``timing.link_probe_interval_s``. Other work on
+either agent (a segment loading, a busy worker) can only slow a probe down, never speed it up,
+so the estimate the planner reads is the fastest of the last ``BANDWIDTH_SAMPLES`` probes. A link
+that really got slower is seen as slower once those samples have aged out.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 from coordinator.detector import (
     DeclareAlive,
@@ -37,6 +41,9 @@ from protocol.messages import MsgType
 logger = logging.getLogger(__name__)
 
 BANDWIDTH_PROBE_BYTES = 2 * 1024 * 1024
+BANDWIDTH_SAMPLES = 4
+# A probe whose echo has not come back after this long is forgotten, so the next one can start.
+PROBE_GIVE_UP_S = 30.0
 WEDGED_AFTER_S = 10.0
 
 
@@ -62,7 +69,9 @@ class Membership:
         self.left: set[str] = set()
         self.dead: set[str] = set()
         self._last_seen_ts: dict[str, tuple[float, float]] = {}
-        self._probe_started: dict[str, float] = {}
+        self._probe_started: dict[str, tuple[str, float]] = {}  # probe id -> (peer, start time)
+        self._bandwidth_samples: dict[str, deque[float]] = {}
+        self._next_probe: dict[str, float] = {}
         self._probe_waiters: dict[str, tuple[str, str]] = {}
 
     # ----------------------------------------------------------------- queries
@@ -80,6 +89,7 @@ class Membership:
         while True:
             now = time.monotonic()
             self._send_heartbeats(now)
+            self._probe_links(now)
             self.detector.note_loop_lag(self.host.looplag.lag_s)
             for action in self.detector.tick(now):
                 self._apply(action, now)
@@ -105,6 +115,26 @@ class Membership:
                 # the round trip on its own clock without the wait for our next heartbeat.
                 body["echo"], body["echo_held_s"] = seen[0], now - seen[1]
             self.host.links.send_nowait(peer, MsgType.HEARTBEAT, body, plane="control")
+
+    def _probe_links(self, now: float) -> None:
+        """Start a bandwidth probe to each member whose next probe is due and has none running."""
+        for probe_id, (_, started) in list(self._probe_started.items()):
+            if now - started > PROBE_GIVE_UP_S:
+                del self._probe_started[probe_id]
+        interval = self.timing.link_probe_interval_s
+        if interval <= 0:
+            return
+        running = {peer for peer, _ in self._probe_started.values()}
+        for peer in self.host.links.members():
+            if peer not in running and now >= self._next_probe.get(peer, float("inf")):
+                self._start_probe(peer, now)
+
+    def _start_probe(self, peer: str, now: float) -> None:
+        probe_id = f"{peer}-{time.monotonic_ns()}"
+        self._probe_started[probe_id] = (peer, now)
+        self._next_probe[peer] = now + self.timing.link_probe_interval_s
+        self.host.links.send_nowait(peer, MsgType.BANDWIDTH_PROBE, {"id": probe_id},
+                                    (bytes(BANDWIDTH_PROBE_BYTES),), plane="data")
 
     def version_summary(self) -> dict:
         """This gateway's per-version counts, for the coordinator's canary rollback check."""
@@ -188,21 +218,30 @@ class Membership:
             self.host.links.send_nowait(peer, MsgType.BANDWIDTH_ECHO,
                                         {"id": header.get("id"), "bytes": len(payload)}, plane="data")
         elif msg_type == MsgType.BANDWIDTH_ECHO:
-            started = self._probe_started.pop(str(header.get("id")), None)
-            if started is not None:
-                elapsed = max(time.monotonic() - started, 1e-6)
-                self.bandwidth[peer] = int(header.get("bytes", 0)) / elapsed
-                logger.info("measured link node=%s peer=%s bandwidth=%.0f MB/s rtt=%.2f ms",
-                            self.host.node_id, peer, self.bandwidth[peer] / 1e6, self.rtt_s.get(peer, 0) * 1e3)
+            probe = self._probe_started.pop(str(header.get("id")), None)
+            if probe is None or probe[0] != peer:
+                return
+            elapsed = max(time.monotonic() - probe[1], 1e-6)
+            sample = int(header.get("bytes", 0)) / elapsed
+            samples = self._bandwidth_samples.setdefault(peer, deque(maxlen=BANDWIDTH_SAMPLES))
+            samples.append(sample)
+            previous = self.bandwidth.get(peer)
+            self.bandwidth[peer] = max(samples)
+            # The first measurement and a move of the estimate by more than a fifth are news;
+            # the periodic probes that confirm it are not.
+            changed = previous is None or abs(self.bandwidth[peer] - previous) > 0.2 * previous
+            logger.log(logging.INFO if changed else logging.DEBUG,
+                       "measured link node=%s peer=%s probe=%.0f MB/s estimate=%.0f MB/s rtt=%.2f ms",
+                       self.host.node_id, peer, sample / 1e6, self.bandwidth[peer] / 1e6,
+                       self.rtt_s.get(peer, 0) * 1e3)
 
     def link_changed(self, peer: str, is_member: bool) -> None:
         if is_member:
             self.detector.track(time.monotonic(), peer, self.host.links.peers[peer].incarnation)
             self.left.discard(peer)
-            probe_id = f"{peer}-{time.monotonic_ns()}"
-            self._probe_started[probe_id] = time.monotonic()
-            self.host.links.send_nowait(peer, MsgType.BANDWIDTH_PROBE, {"id": probe_id},
-                                        (bytes(BANDWIDTH_PROBE_BYTES),), plane="data")
+            # A new connection may take another path: its first probe replaces the old estimate.
+            self._bandwidth_samples.pop(peer, None)
+            self._start_probe(peer, time.monotonic())
             self.host.role.member_report(peer)
         elif not self.host.links.connected(peer, "control") and peer not in self.left:
             # The control link dropped, which happens at once when the peer's process is killed.
@@ -226,6 +265,7 @@ class Membership:
                 "left": peer in self.left,
                 "rtt_ms": round(self.rtt_s.get(peer, 0.0) * 1000, 3),
                 "bandwidth_bytes_per_s": self.bandwidth.get(peer),
+                "bandwidth_probes": len(self._bandwidth_samples.get(peer, ())),
                 "last_heartbeat_age_s": round(now - report["received"], 3) if (report := self.reports.get(peer)) else None,
                 "loaded": (self.reports.get(peer) or {}).get("loaded", []),
                 "queue": (self.reports.get(peer) or {}).get("queue", 0),

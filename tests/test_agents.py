@@ -392,3 +392,57 @@ def test_agents_restart_keeps_registry_and_epoch(tmp_path: Path, monkeypatch: py
             wait_until(lambda: versions_ready(cluster, index), 30.0, f"toy v1 ready on {cluster.node_ids[index]}")
     finally:
         cluster.stop()
+
+
+def test_agents_probe_link_bandwidth_again(tmp_path: Path) -> None:
+    """Links are measured when they come up and then every link_probe_interval_s."""
+    cluster = LocalCluster(tmp_path, 2, mdns=False, static_peers=True, timing={"link_probe_interval_s": 0.3})
+    cluster.create()
+    cluster.start()
+    try:
+        cluster.wait_formed(timeout_s=60)
+        deadline = time.monotonic() + 30
+        links: dict = {}
+        while time.monotonic() < deadline:
+            links = cluster.get(0, "/v1/discovery")["membership"]
+            probes = [link.get("bandwidth_probes", 0) for link in links.values()]
+            if probes and min(probes) >= 4:
+                break
+            time.sleep(0.3)
+        # Four probes fill the window the estimate is taken from; one probe means no re-probing.
+        assert [link["bandwidth_probes"] for link in links.values()] == [4], links
+        assert all(link["bandwidth_bytes_per_s"] > 0 for link in links.values()), links
+    finally:
+        cluster.stop()
+
+
+def test_membership_bandwidth_estimate_is_fastest_recent_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One slow probe does not lower the estimate; a link that stays slow is seen after four probes.
+
+    Pure bookkeeping of ``Membership`` with a stub host and a fake clock: no frames are sent.
+    """
+    from types import SimpleNamespace
+
+    from nodeagent import membership as membership_module
+    from nodeagent.config import AgentConfig
+    from protocol.messages import MsgType
+
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(membership_module.time, "monotonic", lambda: clock.now)
+    host = SimpleNamespace(node_id="a", config=AgentConfig(), metrics=None,
+                           links=SimpleNamespace(send_nowait=lambda *args, **kwargs: None, members=lambda: ["b"]))
+    links = membership_module.Membership(host)
+    size = membership_module.BANDWIDTH_PROBE_BYTES
+
+    def probe(seconds: float) -> float:
+        links._start_probe("b", clock.now)
+        probe_id = next(iter(links._probe_started))
+        clock.now += seconds
+        links.on_bandwidth_frame("b", MsgType.BANDWIDTH_ECHO, {"id": probe_id, "bytes": size}, b"")
+        return links.bandwidth["b"]
+
+    assert probe(0.02) == pytest.approx(size / 0.02)
+    assert probe(0.2) == pytest.approx(size / 0.02)  # slowed by other work: ignored
+    for _ in range(2):
+        assert probe(0.1) == pytest.approx(size / 0.02)
+    assert probe(0.1) == pytest.approx(size / 0.1)  # the fast sample aged out of the window

@@ -382,8 +382,10 @@ class _Api:
         remaining = infer_request.deadline_s - elapsed
         try:
             # NOTE: on timeout this cancels the agent's infer coroutine, which must then release
-            # whatever the request holds (queue slots, in-flight hop state).
-            return await asyncio.wait_for(self.facade.infer(infer_request), remaining + DEADLINE_GRACE_S)
+            # whatever the request holds (queue slots, in-flight hop state). A timeout scope
+            # rather than wait_for: it runs the call in this task, without a task of its own.
+            async with asyncio.timeout(remaining + DEADLINE_GRACE_S):
+                return await self.facade.infer(infer_request)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"deadline of {infer_request.deadline_s * 1000:.0f} ms passed before the cluster "

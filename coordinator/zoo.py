@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,25 @@ def tokenize_batch(tokenizer: Any, sentences: Sequence[str], max_length: int, *,
         mask[row, :n] = torch.tensor(encoding.attention_mask, dtype=torch.int64)
         types[row, :n] = torch.tensor(encoding.type_ids, dtype=torch.int64)
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+class SharedTokenizer:
+    """A ``tokenizers.Tokenizer`` that several threads use: one call at a time.
+
+    A call that reaches the Tokenizer while another thread is inside it waits in Rust without
+    releasing the GIL, so every other thread stops too, the agent's event loop included, until
+    the first call ends: a one-word text behind a 3 MB text stalled the loop for 2.8 s. Here the
+    second caller waits on a Python lock instead, which releases the GIL while it waits.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()
+        self.max_length = max_length
+
+    def __call__(self, sentences: Sequence[str], *, pad_to: int | None = None) -> TensorDict:
+        with self._lock:
+            return tokenize_batch(self._tokenizer, sentences, self.max_length, pad_to=pad_to)
 
 
 class BertEmbeddingsUnit(nn.Module):

@@ -51,6 +51,10 @@ _BODY_KEYS = _OPTION_KEYS | {"inputs", "text", "payload"}
 # One hour: a longer budget is almost surely a unit mistake (seconds sent as milliseconds twice).
 MAX_DEADLINE_MS = 3_600_000
 MAX_TEXTS = 1024  # sentences per request; above this a client should split the batch
+# A text model reads only its first tokens (128 for the packaged MiniLM), but the tokenizer
+# reads the whole text first, at about 1 MB/s here: a 20 MB text held a request for 20 s.
+MAX_TEXT_CHARS = 100_000  # per text
+MAX_TEXT_TOTAL_CHARS = 1_000_000  # per request
 MAX_KEY_CHARS = 256  # request_key and version length
 MAX_TASK_CHARS = 64
 
@@ -179,6 +183,7 @@ def _parse_text(value: Any) -> list[str]:
             value=value if not isinstance(value, list) else f"list of {len(value)} items",
             expected=f"list of 1 to {MAX_TEXTS} strings",
         )
+    total = 0
     for index, item in enumerate(value):
         if not isinstance(item, str):
             raise bad_request(
@@ -187,6 +192,23 @@ def _parse_text(value: Any) -> list[str]:
                 value=item,
                 expected="string",
             )
+        if len(item) > MAX_TEXT_CHARS:
+            raise bad_request(
+                f"text[{index}] has {len(item)} characters, above the limit of {MAX_TEXT_CHARS}; the model "
+                "reads only the first tokens of a text, so cut it, or split it into several texts",
+                field=f"text[{index}]",
+                value=f"<{len(item)} characters>",
+                expected=f"at most {MAX_TEXT_CHARS} characters",
+            )
+        total += len(item)
+    if total > MAX_TEXT_TOTAL_CHARS:
+        raise bad_request(
+            f"the texts have {total} characters in all, above the limit of {MAX_TEXT_TOTAL_CHARS} per "
+            "request; send them in several requests",
+            field="text",
+            value=f"<{total} characters in {len(value)} texts>",
+            expected=f"at most {MAX_TEXT_TOTAL_CHARS} characters in all",
+        )
     return value
 
 

@@ -291,13 +291,13 @@ class AgentService:
         tokenizer = self._tokenizers.get(sha)
         if tokenizer is None:
             from tokenizers import Tokenizer
+
+            from coordinator.zoo import SharedTokenizer
             path = await self.host.blobs.fetch(sha, self.host.segments._holders())
-            tokenizer = Tokenizer.from_str(path.read_text())
+            tokenizer = SharedTokenizer(Tokenizer.from_str(path.read_text()), TOKENIZER_MAX_LENGTH)
             self._tokenizers[sha] = tokenizer
         # Tokenizing a large batch takes long enough to stall heartbeats: run it in a thread.
-        from coordinator.zoo import tokenize_batch
-
-        return await asyncio.to_thread(tokenize_batch, tokenizer, text, TOKENIZER_MAX_LENGTH)
+        return await asyncio.to_thread(tokenizer, text)
 
     async def _route_units(self, name: str, version: str, entry: dict, task: str | None) -> tuple[int, ...] | None:
         """Check ``task`` against the version's heads; return the task's route units (None: no heads)."""
@@ -325,7 +325,9 @@ class AgentService:
                                      reason="draining", retry_after_s=0.5)
         version, entry = self._resolve_version(request.model, request.version, request.request_key)
         route_units = await self._route_units(request.model, version, entry, request.task)
+        tokenize_started = time.monotonic()
         inputs = request.inputs if request.inputs is not None else await self._tokenize(entry, request.text or [])
+        tokenize_s = time.monotonic() - tokenize_started
         deadline_s = DEFAULT_DEADLINE_S
         if request.deadline_monotonic() is not None:
             deadline_s = request.deadline_monotonic() - time.monotonic()
@@ -358,7 +360,7 @@ class AgentService:
         return facade.InferResult(
             outputs=outputs, version=version, request_id=info["request_id"],
             route=[hop[2] for hop in info["route"]],
-            timings={"total": elapsed}, failovers=int(info["failovers"]),
+            timings={"total": elapsed + tokenize_s, **({"tokenize": tokenize_s} if request.inputs is None else {})}, failovers=int(info["failovers"]),
         )
 
 

@@ -28,7 +28,7 @@ from nodeagent.client import add_subcommands
 from nodeagent.config import AgentConfig
 from nodeagent.http_api import ROUTES, create_app, start_server
 from nodeagent.http_auth import TokenFileError, Tokens, generate_tokens, load_tokens
-from nodeagent.http_infer import decode_msgpack_response, encode_msgpack_request
+from nodeagent.http_infer import MAX_TEXT_CHARS, MAX_TEXT_TOTAL_CHARS, decode_msgpack_response, encode_msgpack_request
 from nodeagent.metrics import AgentMetrics
 from protocol.tensors import encode_tensors, tensor_from_json, tensor_to_json
 from memfacade import MemFacade  # tests/ is on sys.path (rootdir conftest)
@@ -181,6 +181,22 @@ async def test_infer_text_input(serve: Start, http: aiohttp.ClientSession) -> No
     request = facade.calls[-1][1]
     assert request.text == texts
     assert request.inputs is None
+
+
+@pytest.mark.parametrize(("texts", "field", "words"), [
+    (["a" * (MAX_TEXT_CHARS + 1)], "text[0]", "cut it, or split it"),
+    (["b" * MAX_TEXT_CHARS] * (MAX_TEXT_TOTAL_CHARS // MAX_TEXT_CHARS + 1), "text", "several requests"),
+])
+async def test_infer_text_too_long_rejected(serve: Start, http: aiohttp.ClientSession, texts: list[str],
+                                            field: str, words: str) -> None:
+    facade = MemFacade()
+    base = await serve(facade)
+    async with http.post(f"{base}/v1/models/embed/infer", json={"text": texts, "task": "embed"}) as r:
+        assert r.status == 400
+        error = (await r.json())["error"]
+    assert error["field"] == field and words in error["message"], error
+    assert len(str(error["value"])) < 100  # the text itself is not echoed back
+    assert not facade.calls
 
 
 async def test_infer_passes_options_to_agent(serve: Start, http: aiohttp.ClientSession) -> None:

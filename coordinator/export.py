@@ -71,6 +71,7 @@ import os
 import re
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,6 +131,12 @@ _SYM_IDENTS = frozenset(
 )  # fmt: skip
 _NAME_KEYS = frozenset({"name", "as_name"})
 _FQN_KEYS = frozenset({"parameter_name", "buffer_name", "tensor_constant_name", "fqn", "custom_obj_name"})
+
+
+# torch's program deserializer keeps its state in one module global and raises "already set"
+# when two threads rebuild programs at once (two segments loading in parallel did). Every
+# deserialization in this process holds this lock.
+DESERIALIZE_LOCK = threading.Lock()
 
 
 class ArtifactError(ValueError):
@@ -775,7 +782,8 @@ def load_unit(source: Path | str | bytes | bytearray | memoryview, *, expected_s
     constants = {k.removeprefix("constants/"): v for k, v in stored.items() if k.startswith("constants/")}
     artifact = SerializedArtifact(json.dumps(program).encode(), state_dict, constants, b"")
     try:
-        ep = deserialize(artifact)
+        with DESERIALIZE_LOCK:
+            ep = deserialize(artifact)
         # NOTE: units are rebuilt on the CPU. The graph contains the export device in aten.to
         # calls, so running on a GPU needs a re-export there or a device rewrite of the graph.
         module = ep.module()

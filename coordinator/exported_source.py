@@ -81,6 +81,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from coordinator.export import DESERIALIZE_LOCK
 from coordinator.micromodel import NAME_RE, ModelSpec, SpecError, TensorDict, TensorSpec, Unit, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,8 @@ def load_program(path_text: str) -> torch.export.ExportedProgram:
     torch_export_logger.addHandler(causes)
     try:
         # The operator named this file on the coordinator's disk; bytes from the network never get here.
-        program = torch.export.load(path)
+        with DESERIALIZE_LOCK:  # see coordinator.export
+            program = torch.export.load(path)
     except Exception as exc:  # noqa: BLE001 - the PT2 reader raises many types; all mean "not a usable archive"
         reason = causes.errors[-1] if causes.errors else f"{type(exc).__name__}: {exc}"
         raise SpecError(f"exported model file {path} is not a readable PT2 archive ({reason}); write it with "

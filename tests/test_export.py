@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,14 @@ def test_minilm_batch_of_one(minilm: Exported) -> None:
     out = _run_pipeline(_segments(minilm.manifest, minilm.blobs, [3]), inputs)
     expected = reference_forward(minilm.spec, inputs)["sentence_embedding"]
     assert float((out["sentence_embedding"] - expected).abs().max()) <= TOLERANCE
+
+
+def test_units_load_from_several_threads_at_once(minilm: Exported) -> None:
+    """Segments load on worker threads, several at a time after a re-plan; none may fail."""
+    paths = [minilm.blobs[unit.sha256] for unit in minilm.manifest.units] * 3
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        units = list(pool.map(load_unit, paths))
+    assert [unit.name for unit in units] == [unit.name for unit in minilm.manifest.units] * 3
 
 
 def test_minilm_manifest_shapes(minilm: Exported) -> None:

@@ -486,8 +486,8 @@ def add_subcommands(subparsers: Any) -> None:
     deploy.add_argument("--strategy", choices=("replace", "canary"), default="replace",
                         help="replace: all traffic once ready; canary: a share set by --option canary_weight=0.1")
     deploy.add_argument("--replicas", type=int, default=1,
-                        help="2 or more: copy the slowest segments onto spare agents, those the pipeline leaves "
-                             "free (default 1: no copies)")
+                        help="2 or more: every spare agent (one the pipeline leaves free) copies the segment "
+                             "with the most work per holder; any value above 1 does the same (default 1: no copies)")
     deploy.add_argument("--option", action="append", metavar="KEY=VALUE", help="deploy option (repeatable)")
     deploy.add_argument("--no-wait", action="store_true", help="return after the deployment is accepted")
     deploy.add_argument("--wait-timeout", type=float, default=600.0, help="seconds to wait for ready (default 600)")

@@ -198,17 +198,19 @@ class AgentMetrics:
         )
         self.segment_seconds = Histogram(
             "shardmesh_segment_seconds",
-            "Time one segment took for one micro-batch on this agent (queue excluded).",
+            "Time one segment took for one micro-batch on this agent (queue excluded). The numeric "
+            "canary's reference runs are counted too.",
             ["model", "version", "segment"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.queue_depth = Gauge(
-            "shardmesh_queue_depth", "Requests waiting in a segment's queue.", ["segment"], registry=r
+            "shardmesh_queue_depth", "Requests waiting in a segment's queue. segment is "
+            "model@version[first..last] (unit range).", ["segment"], registry=r
         )
         self.batch_size = Histogram(
             "shardmesh_batch_size",
-            "Requests per micro-batch run by a segment.",
+            "Requests (not rows) per micro-batch run by a segment, canary reference runs included.",
             ["segment"],
             buckets=BATCH_BUCKETS,
             registry=r,
@@ -228,13 +230,15 @@ class AgentMetrics:
         )
         self.elections = Counter(
             "shardmesh_elections",
-            "Elections this agent took part in, by outcome (won, lost, timed_out).",
+            "Elections this agent won (outcome=won).",
             ["outcome"],
             registry=r,
         )
         self.failovers = Counter(
             "shardmesh_failovers",
-            "Failovers handled, by kind (coordinator, segment, hop_resend).",
+            "Failovers handled, by kind: request_resumed (a gateway resumed a request on another "
+            "route), segment_replaced (the coordinator re-placed a dead agent's segments), "
+            "repair_replanned (a repair was followed by a better plan).",
             ["kind"],
             registry=r,
         )
@@ -351,6 +355,19 @@ class AgentMetrics:
                 refresh(self)
             except Exception:  # a broken refresher must not break a scrape
                 logger.exception("refreshing metrics failed node=%s", self.node_id)
+
+    def forget_segment(self, segment: str) -> None:
+        """Drop the histogram series of a segment this agent unloaded."""
+        for labels in [labels for labels in set(self._segment_labels) if labels[2] == segment]:
+            self._segment_labels.discard(labels)
+            try:
+                self.segment_seconds.remove(*labels)
+            except KeyError:
+                pass
+        try:
+            self.batch_size.remove(segment)
+        except KeyError:
+            pass
 
     def set_queue_depths(self, depths: dict[str, int]) -> None:
         """Set the queue gauge of every loaded segment, and drop the series of unloaded ones."""

@@ -122,7 +122,9 @@ COMPONENTS: dict[str, Any] = {
             "version": {"type": "string", "pattern": NAME_PATTERN},
             "source": {"type": "string", "description": "packaged model name or a path on the coordinator"},
             "strategy": {"enum": ["replace", "canary"], "default": "replace"},
-            "replicas": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1},
+            "replicas": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1,
+                         "description": "1: no copies. Above 1 (any value): every agent the pipeline "
+                                        "leaves free copies the segment with the most work per holder"},
             "options": {"type": "object"},
         },
     },

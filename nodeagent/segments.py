@@ -334,6 +334,8 @@ class SegmentHost:
         segment = self._segments.pop(key)
         for worker in segment.workers():
             worker.close()
+            if self.host.metrics is not None:
+                self.host.metrics.forget_segment(worker.name)
         for sha in segment.blobs:
             self.host.store.unpin(sha)
         logger.info("segment unloaded node=%s key=%s", self.host.node_id, key)

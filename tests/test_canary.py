@@ -214,6 +214,7 @@ class _Agent:
         self.blobs = BlobTransfer(node_id=self.node_id, store=self.store, links=self.links)
         self.role = _Counter()
         self.dataplane = _Counter()
+        self.metrics = AgentMetrics("n1", collect_host=False)
         self._registry = registry
 
     def registry(self) -> dict:

@@ -25,7 +25,7 @@ measured in that same run:
 The bench client, the gateway's HTTP handling and all three agents share the machine's cores,
 so the throughput figure is what one 2-core machine gives, not what two machines would.
 
-Usage: .venv/bin/python bench/pipeline.py [--latency-requests 40] [--throughput-requests 240]
+Usage: .venv/bin/python bench/pipeline.py [--latency-requests 100] [--throughput-requests 240]
        [--concurrency 16] [--batch-wait-ms MS]
 The last line printed is a JSON summary.
 """
@@ -197,7 +197,7 @@ async def measure_cluster(args, url: str, versions: dict[int, str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--latency-requests", type=int, default=40, help="sequential requests per version and size")
+    parser.add_argument("--latency-requests", type=int, default=100, help="sequential requests per version and size")
     parser.add_argument("--throughput-requests", type=int, default=240, help="requests in the throughput run")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight in the throughput run")
     parser.add_argument("--batch-wait-ms", type=float, default=None,

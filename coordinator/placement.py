@@ -193,13 +193,15 @@ def choose_route(
     usable: Iterable[str],
     route_units: Sequence[int] | None = None,
     excluded_hops: Collection[tuple[str, int]] = (),
+    turn: int = 0,
 ) -> list[Hop] | None:
     """Pick a route from boundary ``start`` to the end of the request's route, or None when none exists.
 
-    Each hop goes to the usable replica with the fewest outstanding requests; ties go to the
-    replica listed first, which is the planner's choice. The route must begin with a segment
-    that starts exactly at ``start``, because an activation held there cannot enter a segment
-    half-way. ``route_units`` restricts the walk to one task's segments of a branch model (see
+    Each hop goes to the usable replica with the fewest outstanding requests. Ties rotate with
+    ``turn`` (a gateway passes a counter) over the tied replicas in the planner's order, so that
+    at low load every replica gets a share; ``turn=0`` picks the one listed first. The route
+    must begin with a segment that starts exactly at ``start``, because an activation held
+    there cannot enter a segment half-way. ``route_units`` restricts the walk to one task's segments of a branch model (see
     ``segments_on_route``); None walks every segment. ``excluded_hops`` holds (agent, first
     unit) pairs that must not be used, such as a segment that an agent just refused, while the
     agent stays usable for its other segments.
@@ -219,8 +221,9 @@ def choose_route(
                       if agent in usable_set and (agent, segment.first) not in excluded_hops]
         if not candidates:
             return None
-        best = min(candidates, key=lambda agent: (outstanding.get(agent, 0), segment.agents.index(agent)))
-        route.append(Hop(segment.first, segment.last, best))
+        fewest = min(outstanding.get(agent, 0) for agent in candidates)
+        tied = [agent for agent in candidates if outstanding.get(agent, 0) == fewest]
+        route.append(Hop(segment.first, segment.last, tied[turn % len(tied)]))
     return route
 
 

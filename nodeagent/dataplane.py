@@ -4,7 +4,7 @@ Every agent plays two parts here:
 
 - *Gateway* for the requests that reach its HTTP endpoint. It pins the model version, builds a
   route from the committed placement (each hop to the replica with the fewest outstanding
-  requests), sends the inputs to the first hop and waits for exactly one result. Failover
+  requests, tied replicas in turn), sends the inputs to the first hop and waits for exactly one result. Failover
   decisions are made by ``coordinator.failover.GatewayTracker``; see the essay there.
 - *Hop* for activations that other agents send it. It checks that it has the segment loaded
   under the frame's plan version, and otherwise rejects the hop at once so the gateway retries
@@ -94,6 +94,7 @@ class DataPlane:
         self._requests: dict[str, GatewayRequest] = {}
         self._held: dict[tuple[str, int], HeldActivation] = {}
         self._outstanding: dict[str, int] = {}
+        self._route_turn = 0  # rotates ties between equally loaded replicas (choose_route)
         self.counters = {
             "requests": 0, "succeeded": 0, "failed": 0, "failovers": 0, "refusals_sent": 0,
             "hops_run": 0, "duplicates_dropped": 0,
@@ -178,7 +179,9 @@ class DataPlane:
             cuts = route_cuts(placement, state.route_units)
             point = self.tracker.resume_point(request_id, usable=usable, cuts=cuts)
         route = choose_route(placement, point.boundary, outstanding=self._outstanding, usable=usable,
-                             route_units=state.route_units, excluded_hops=state.excluded_hops)
+                             route_units=state.route_units, excluded_hops=state.excluded_hops,
+                             turn=self._route_turn)
+        self._route_turn += 1
         if route is None:
             reason = self._no_route_reason(placement, state, point.boundary, usable)
             if reason != request.stalled_reason:

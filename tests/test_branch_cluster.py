@@ -103,6 +103,20 @@ def test_choose_route_skips_excluded_hops_only() -> None:
     assert choose_route(placement, 0, outstanding={}, usable=usable, excluded_hops={("a", 2)}) is None
 
 
+def test_choose_route_rotates_ties() -> None:
+    placement = placement_from_stages("chain", "v1", 1, 2, [(0, 0, ["a", "b", "c"]), (1, 1, ["d"])])
+    usable = {"a", "b", "c", "d"}
+    firsts = [choose_route(placement, 0, outstanding={}, usable=usable, turn=turn)[0].agent for turn in range(6)]
+    assert firsts == ["a", "b", "c", "a", "b", "c"]
+    # Fewer outstanding requests still wins over the rotation.
+    loaded = [choose_route(placement, 0, outstanding={"a": 1, "c": 1}, usable=usable, turn=turn)[0].agent
+              for turn in range(3)]
+    assert loaded == ["b", "b", "b"]
+    # Rotation only among the tied: a and c tie at 0 outstanding, b has 2.
+    tied = [choose_route(placement, 0, outstanding={"b": 2}, usable=usable, turn=turn)[0].agent for turn in range(4)]
+    assert tied == ["a", "c", "a", "c"]
+
+
 def test_choose_route_resumes_at_head_start() -> None:
     placement = _branch_placement()
     usable = {"a", "b", "c"}

@@ -363,7 +363,8 @@ class Agent:
         net = self.config.network
         logger.info("agent starting node=%s cluster=%s instance=%s incarnation=%d voters=%s",
                     self.node_id, self.cluster_id, self.instance, self.incarnation, ",".join(self.voters))
-        self.capabilities = await asyncio.to_thread(probe.probe_capabilities_dict, self.data_dir)
+        self.capabilities = await asyncio.to_thread(probe.probe_capabilities_dict, self.data_dir,
+                                                    torch_threads=self.config.runtime.torch_threads)
         self.peer_port = await self.links.start(net.bind_host, net.peer_port)
         await self._start_http()
         self._start_alerts()

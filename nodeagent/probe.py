@@ -408,11 +408,14 @@ def _find_cached(entries: list[dict[str, Any]], key: dict[str, Any], now: float,
 
 def probe(data_dir: Path | None = None, *, devices: Sequence[str] = (), benchmark: bool = True,
           budget_s: float = DEFAULT_BUDGET_S, max_age_s: float = DEFAULT_MAX_AGE_S,
-          torch_module: ModuleType | None = None,
+          torch_module: ModuleType | None = None, torch_threads: int | None = None,
           wall_clock: Callable[[], float] = time.time) -> Capabilities:
     """Probe the host and its torch devices, recording failures as notes instead of raising.
 
     `devices` restricts the result to the named torch devices (empty keeps every one found).
+    `torch_threads` is the intra-op thread count the segment workers will use. The CPU score is
+    measured with it, because it is the speed the planner must predict (None: torch's current
+    count).
     `data_dir=None` disables the score cache. `torch_module` replaces `import torch` (tests
     with a fake CUDA module, because no GPU exists on the test machine).
     """
@@ -439,6 +442,8 @@ def probe(data_dir: Path | None = None, *, devices: Sequence[str] = (), benchmar
     if torch is not None:
         torch_version = str(torch.__version__)
         threads = _guarded(lambda: int(torch.get_num_threads()), notes, "torch threads", None)
+        if torch_threads is not None:
+            threads = torch_threads
         drafts += _guarded(lambda: _list_cuda(torch, notes), notes, "cuda", [])
         drafts += _guarded(lambda: _list_mps(torch, memory, notes), notes, "mps", [])
         drafts += _guarded(lambda: _list_xpu(torch, notes), notes, "xpu", [])
@@ -450,8 +455,15 @@ def probe(data_dir: Path | None = None, *, devices: Sequence[str] = (), benchmar
             notes.append(f"{name}: configured in runtime.devices but not found by the probe")
         drafts = [draft for draft in drafts if draft.name in wanted]
 
-    results = _score_devices(drafts, torch, torch_version, threads or 1, data_dir, benchmark,
-                             budget_s, max_age_s, wall_clock, notes)
+    previous_threads = torch.get_num_threads() if torch is not None and torch_threads is not None else None
+    if previous_threads is not None:
+        torch.set_num_threads(torch_threads)
+    try:
+        results = _score_devices(drafts, torch, torch_version, threads or 1, data_dir, benchmark,
+                                 budget_s, max_age_s, wall_clock, notes)
+    finally:
+        if previous_threads is not None:
+            torch.set_num_threads(previous_threads)
     capabilities = Capabilities(cpu=cpu, memory=memory, devices=tuple(results),
                                 torch_version=torch_version, torch_threads=threads,
                                 notes=tuple(notes), probed_at=wall_clock())

@@ -109,6 +109,20 @@ def test_probe_remeasures_after_thread_change(tmp_path: Path) -> None:
     assert again.devices[0].score_source == "measured"
 
 
+def test_probe_scores_with_worker_thread_count(tmp_path: Path) -> None:
+    """The score is measured with the workers' thread count, and torch's count is restored."""
+    torch.set_num_threads(2)
+    try:
+        capabilities = probe(tmp_path, budget_s=BUDGET_S, torch_threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert capabilities.torch_threads == 1
+    # The cache entry was written for one thread: a probe at one thread reuses it.
+    again = probe(tmp_path, budget_s=BUDGET_S)
+    assert again.devices[0].score_source == "cache"
+
+
 def test_probe_survives_corrupt_cache(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache_path = tmp_path / CACHE_RELATIVE_PATH
     cache_path.parent.mkdir(parents=True)

@@ -345,7 +345,10 @@ class _Api:
 
         # Parse and check everything before the agent sees the request.
         body = await self._read_body(request, self.settings.max_request_bytes)
-        data, is_msgpack = parse_body(body, request.content_type if body else JSON_TYPE)
+        # aiohttp reports a missing Content-Type as application/octet-stream. A body without the
+        # header is read as JSON, the common case of a hand-written request.
+        content_type = request.content_type if "Content-Type" in request.headers else ""
+        data, is_msgpack = parse_body(body, content_type if body else JSON_TYPE)
         options = parse_options(data)
         spec = await self.facade.input_spec(name, options["version"])
         infer_request = build_request(

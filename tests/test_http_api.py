@@ -199,6 +199,15 @@ async def test_infer_text_too_long_rejected(serve: Start, http: aiohttp.ClientSe
     assert not facade.calls
 
 
+async def test_infer_without_content_type_reads_json(serve: Start, http: aiohttp.ClientSession) -> None:
+    base = await serve(MemFacade())
+    body = json.dumps(infer_body()).encode()
+    async with http.post(f"{base}/v1/models/double/infer", data=body, skip_auto_headers=["Content-Type"]) as r:
+        assert r.status == 200, await r.text()
+        outputs = (await r.json())["outputs"]
+    assert torch.equal(tensor_from_json(outputs["y"]), x_tensor() * 2.0)
+
+
 async def test_infer_passes_options_to_agent(serve: Start, http: aiohttp.ClientSession) -> None:
     facade = MemFacade()
     base = await serve(facade)

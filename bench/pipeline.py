@@ -100,7 +100,7 @@ def time_calls(fn: Callable[[], object], *, count: int) -> list[float]:
 
 
 def whole_model_items_per_s(spec, inputs: Mapping[str, torch.Tensor]) -> float:
-    """The best of BASELINE_ROUNDS rounds: on a shared machine one round read 242-272 items/s."""
+    """Return the best of BASELINE_ROUNDS rounds, because single rounds read 242-278 items/s here."""
     rows = inputs["input_ids"].shape[0]
     for _ in range(2):
         spec.reference(inputs)

@@ -25,8 +25,8 @@ election core, which commits a value once a majority of voters has persisted it.
   lowers the period by more than REPLAN_HYSTERESIS becomes the pending placement. Chains (layer
   and block strategies) and branch models are planned on their unit groups, so cuts stay on
   allowed cuts and heads stay apart. A branch model is priced at its worst task mix. A version
-  deployed with ``max_stages`` keeps its hand-fixed stages; if it was deployed with replicas, a
-  join only makes the agents that hold none of it replicas again, as the deploy did. A new
+  deployed with ``max_stages`` keeps its hand-fixed stages. If it was deployed with replicas, a
+  join makes each agent that has no segment of it a replica again, as the deploy did. A new
   agent's link numbers settle over its first seconds, so a join is evaluated again every
   JOIN_RECHECK_S for JOIN_WINDOW_S.
 
@@ -578,26 +578,22 @@ class CoordinatorRole:
 
     def _restore_replicas(self, name: str, version: str, entry: dict, placement: Placement, alive: set[str],
                           plan_version: int) -> Placement | None:
-        """Give agents that hold nothing of a ``max_stages`` version back to it as replicas.
+        """Return a placement that makes agents without a segment of a ``max_stages`` version replicas.
 
         Its stages stay as the deploy fixed them. As at the deploy, with ``replicas`` above 1
         every spare agent replicates the stage with the most profiled seconds per holder, so a
         replica lost with its agent comes back when the agent returns. None when nothing changes.
         """
-        if int(entry.get("replicas", 1)) <= 1 or not entry.get("profile"):
+        shape = replanning.shape_from_entry(entry, placement.unit_count)  # PlanError on a stale profile
+        if int(entry.get("replicas", 1)) <= 1 or shape is None:
             logger.log(self._join_log_level, "model=%s version=%s keeps its hand-fixed shape after a join "
-                       "(deployed with max_stages and no replicas)", name, version)
+                       "(deployed with max_stages, without replicas or without a stored profile)", name, version)
             return None
         spare = sorted(a for a in alive if a not in placement.agents and not self._is_witness(a))
         if not spare:
             return None
-        layers = [Layer(str(row["name"]), float(row["seconds"]), int(row["weight_bytes"]), int(row["output_bytes"]))
-                  for row in entry["profile"]]
-        if len(layers) != placement.unit_count:
-            logger.warning("model=%s version=%s: stored profile has %d rows for %d units; replicas not restored",
-                           name, version, len(layers), placement.unit_count)
-            return None
-        stages = _replicate_slowest([(s.first, s.last, s.agents) for s in placement.segments], spare, layers)
+        stages = _replicate_slowest([(s.first, s.last, s.agents) for s in placement.segments], spare,
+                                    list(shape.units))
         segments = tuple(SegmentPlacement(segment.index, first, last, tuple(agents))
                          for segment, (first, last, agents) in zip(placement.segments, stages))
         logger.info("model=%s version=%s: agents %s replicate its hand-fixed stages again", name, version,

@@ -4,8 +4,9 @@ Every agent plays two parts here:
 
 - *Gateway* for the requests that reach its HTTP endpoint. It pins the model version, builds a
   route from the committed placement (each hop to the replica with the fewest outstanding
-  requests, tied replicas in turn), sends the inputs to the first hop and waits for exactly one result. Failover
-  decisions are made by ``coordinator.failover.GatewayTracker``; see the essay there.
+  requests, tied replicas in turn), sends the inputs to the first hop and waits for exactly one
+  result. Failover decisions are made by ``coordinator.failover.GatewayTracker``; see the essay
+  there.
 - *Hop* for activations that other agents send it. It checks that it has the segment loaded
   under the frame's plan version, and otherwise rejects the hop at once so the gateway retries
   elsewhere. It queues the work on the segment's worker (micro-batching, priorities, off the
@@ -445,8 +446,8 @@ class DataPlane:
             self._refuse(header, f"hop {hop_index} names agent {hop.agent}, not {self.node_id}")
             return
         if header.get("gw") == self.node_id and sender != self.node_id and hop_index > 0:
-            # The sender skips its PROGRESS report when the next hop is the gateway: record here,
-            # before any refusal, that it holds the activation at this hop's boundary.
+            # The sender skips its PROGRESS report when the next hop is the gateway. So record
+            # here, before any refusal, that the sender keeps the activation at this boundary.
             self._on_progress(sender, {"rid": header.get("rid"), "att": header.get("att"),
                                        "boundary": hop.first, "next": self.node_id})
         if int(header.get("epoch", 0)) < self.host.fenced_epoch():
@@ -494,7 +495,7 @@ class DataPlane:
         if isinstance(error, (QueueFull, WorkerClosed)):
             # Backpressure, or the segment was unloaded (re-placement, failed canary): refuse the
             # hop so the gateway retries on another replica or after the reload.
-            self._refuse(header, str(error), first=Hop.from_list(header["route"][hop_index]).first)
+            self._refuse(header, str(error), first=segment.key[2])
             return
         if isinstance(error, WorkerDeadline):
             logger.info("hop passed its deadline in the queue rid=%s segment=%s", request_id, segment.key)
@@ -521,7 +522,7 @@ class DataPlane:
         if next_hop.agent != header.get("gw") or next_hop.agent == self.node_id:
             self._report(header, {"rid": request_id, "att": header["att"], "boundary": boundary, "next": next_hop.agent})
         # Otherwise the next hop is the gateway itself, which records this progress when the
-        # activation reaches it (see _accept_activation): one control frame fewer per request.
+        # activation reaches it (see _accept_activation). That saves a control frame per request.
 
     def _send_result(self, header: dict, outputs: dict[str, torch.Tensor] | None, *, error: str | None = None) -> None:
         body = {"rid": header["rid"], "att": header["att"]}

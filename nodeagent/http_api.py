@@ -386,7 +386,7 @@ class _Api:
         try:
             # NOTE: on timeout this cancels the agent's infer coroutine, which must then release
             # whatever the request holds (queue slots, in-flight hop state). A timeout scope
-            # rather than wait_for: it runs the call in this task, without a task of its own.
+            # replaces wait_for because it runs the call in this task, without a task of its own.
             async with asyncio.timeout(remaining + DEADLINE_GRACE_S):
                 return await self.facade.infer(infer_request)
         except TimeoutError:

@@ -52,7 +52,8 @@ _BODY_KEYS = _OPTION_KEYS | {"inputs", "text", "payload"}
 MAX_DEADLINE_MS = 3_600_000
 MAX_TEXTS = 1024  # sentences per request; above this a client should split the batch
 # A text model reads only its first tokens (128 for the packaged MiniLM), but the tokenizer
-# reads the whole text first, at about 1 MB/s here: a 20 MB text held a request for 20 s.
+# reads the whole text first. At about 1 MB/s (2-core x86-64 VM), a 20 MB text held a request
+# for 20 s.
 MAX_TEXT_CHARS = 100_000  # per text
 MAX_TEXT_TOTAL_CHARS = 1_000_000  # per request
 MAX_KEY_CHARS = 256  # request_key and version length

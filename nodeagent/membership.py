@@ -16,7 +16,7 @@ removed at once. The detector's timeouts widen while this agent's own event loop
 Link bandwidth to each member is measured with a bounded probe (``BANDWIDTH_PROBE_BYTES``) on the
 data plane when the link comes up and then every ``timing.link_probe_interval_s``. Other work on
 either agent (a segment loading, a busy worker) can only slow a probe down, never speed it up,
-so the estimate the planner reads is the fastest of the last ``BANDWIDTH_SAMPLES`` probes. A link
+so the estimate that the planner reads is the fastest of the last ``BANDWIDTH_SAMPLES`` probes. A link
 that really got slower is seen as slower once those samples have aged out.
 """
 
@@ -227,8 +227,8 @@ class Membership:
             samples.append(sample)
             previous = self.bandwidth.get(peer)
             self.bandwidth[peer] = max(samples)
-            # The first measurement and a move of the estimate by more than a fifth are news;
-            # the periodic probes that confirm it are not.
+            # Log the first measurement and any move of the estimate by more than a fifth at INFO.
+            # The periodic probes that confirm it go to DEBUG.
             changed = previous is None or abs(self.bandwidth[peer] - previous) > 0.2 * previous
             logger.log(logging.INFO if changed else logging.DEBUG,
                        "measured link node=%s peer=%s probe=%.0f MB/s estimate=%.0f MB/s rtt=%.2f ms",

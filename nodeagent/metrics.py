@@ -180,7 +180,9 @@ class AgentMetrics:
         self.node_id = node_id
         self._refreshers: list[Callable[[AgentMetrics], None]] = []
         self._queue_labels: set[str] = set()
+        # Worker threads add to it (observe_segment) while the event loop removes from it.
         self._segment_labels: set[tuple[str, str, str]] = set()
+        self._segment_labels_lock = threading.Lock()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -276,7 +278,8 @@ class AgentMetrics:
     def observe_segment(self, model: str, version: str, segment: str, seconds: float) -> None:
         """Record one micro-batch run of a segment (called on the segment's worker thread)."""
         self.segment_seconds.labels(model, version, segment).observe(seconds)
-        self._segment_labels.add((model, version, segment))
+        with self._segment_labels_lock:
+            self._segment_labels.add((model, version, segment))
 
     def set_queue_depth(self, segment: str, depth: int) -> None:
         self.queue_depth.labels(segment).set(depth)
@@ -314,13 +317,11 @@ class AgentMetrics:
             self.request_seconds.remove(model, version)
         except KeyError:
             pass
-        for labels in [labels for labels in set(self._segment_labels) if labels[:2] == (model, version)]:
-            self._segment_labels.discard(labels)
-            for histogram, values in ((self.segment_seconds, labels), (self.batch_size, labels[2:])):
-                try:
-                    histogram.remove(*values)
-                except KeyError:
-                    pass
+        with self._segment_labels_lock:
+            segments = {segment for labels_model, labels_version, segment in self._segment_labels
+                        if (labels_model, labels_version) == (model, version)}
+        for segment in segments:
+            self.forget_segment(segment)
         with self._windows_lock:
             self._windows.pop((model, version), None)
 
@@ -358,8 +359,10 @@ class AgentMetrics:
 
     def forget_segment(self, segment: str) -> None:
         """Drop the histogram series of a segment this agent unloaded."""
-        for labels in [labels for labels in set(self._segment_labels) if labels[2] == segment]:
-            self._segment_labels.discard(labels)
+        with self._segment_labels_lock:
+            unloaded = {labels for labels in self._segment_labels if labels[2] == segment}
+            self._segment_labels -= unloaded
+        for labels in unloaded:
             try:
                 self.segment_seconds.remove(*labels)
             except KeyError:

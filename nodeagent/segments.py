@@ -300,15 +300,14 @@ class SegmentHost:
                 metrics = self.host.metrics
 
                 def observe(size: int, seconds: float) -> None:
-                    if metrics is not None:
-                        metrics.observe_segment(model, version, label, seconds)
-                        metrics.observe_batch(label, size)
+                    metrics.observe_segment(model, version, label, seconds)
+                    metrics.observe_batch(label, size)
 
                 return SegmentWorker(
                     label, functools.partial(segment.run, task=task),
                     torch_threads=runtime.torch_threads, max_batch_size=runtime.batch_max_size,
                     max_wait_s=runtime.batch_max_wait_ms / 1000.0, capacity=runtime.queue_max,
-                    on_batch=observe,
+                    on_batch=observe if metrics is not None else None,
                 )
 
             self._segments[key] = LoadedSegment(key, make_worker(None), manifest, tuple(shas), {plan_version},

@@ -1,7 +1,11 @@
-"""Helpers shared by tests: TLS credentials for a throwaway cluster."""
+"""Helpers shared by tests: TLS credentials for a throwaway cluster, event-loop stall timing."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from protocol.tls import NodeCredentials, init_cluster, issue_node
@@ -20,3 +24,28 @@ def make_cluster(tmp_path: Path, n: int, *, cluster_id: str = "test-cluster") ->
     for index in range(1, n):
         nodes.append(issue_node(ca_dir, tmp_path / f"node{index}", f"node{index}"))
     return nodes
+
+
+@contextlib.asynccontextmanager
+async def loop_gaps(interval_s: float) -> AsyncIterator[list[float]]:
+    """Record, while the block runs, the seconds between ticks of a timer of ``interval_s``.
+
+    A tick far above ``interval_s`` means something held the event loop (or the GIL) that long.
+    """
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(interval_s)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        yield gaps
+    finally:
+        stop.set()
+        await ticking

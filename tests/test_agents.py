@@ -416,7 +416,7 @@ def test_agents_probe_link_bandwidth_again(tmp_path: Path) -> None:
         cluster.stop()
 
 
-def test_membership_bandwidth_estimate_is_fastest_recent_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bandwidth_estimate_is_fastest_recent_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """One slow probe does not lower the estimate; a link that stays slow is seen after four probes.
 
     Pure bookkeeping of ``Membership`` with a stub host and a fake clock: no frames are sent.

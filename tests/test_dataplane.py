@@ -288,7 +288,8 @@ def test_pipeline_three_segments_match_whole_model(three_way, inputs, reference)
         batches = metric_value(text, "shardmesh_batch_size_count", segment=label)
         runs = metric_value(text, "shardmesh_segment_seconds_count", segment=label)
         assert requests_run >= 200, (label, requests_run)
-        assert 1 <= batches <= requests_run and runs == batches, (label, batches, runs)
+        assert 1 <= batches <= requests_run, (label, batches, requests_run)
+        assert runs == batches, (label, batches, runs)
         assert metric_value(text, "shardmesh_segment_seconds_sum", segment=label) > 0
         assert metric_value(text, "shardmesh_queue_depth", segment=label) == 0
 
@@ -602,8 +603,8 @@ def two_unit_network(stages: list) -> tuple[dict[str, FakeHost], Callable, Calla
 async def test_dataplane_gateway_records_progress_of_its_own_hop() -> None:
     """An agent whose next hop is the gateway sends no PROGRESS: the gateway records it on arrival.
 
-    Agent b runs unit 0 and forwards to the gateway a, which holds unit 1 only under a newer plan
-    and refuses. The gateway must still know that b holds the activation at boundary 1, so the
+    Agent b runs unit 0 and forwards to the gateway a, which has unit 1 only under a newer plan
+    and refuses. The gateway must still know that b keeps the activation at boundary 1, so the
     retry resumes there on replica c without running unit 0 again.
     """
     network, run_first, run_second = two_unit_network([(0, 0, ("b",)), (1, 1, ("a", "c"))])
@@ -623,14 +624,15 @@ async def test_dataplane_gateway_records_progress_of_its_own_hop() -> None:
     # Unit 0 ran once: the retry resumed from b's activation, which the gateway knew about.
     assert network["b"].dataplane.counters["hops_run"] == 1
     assert network["a"].dataplane.counters["refusals_sent"] == 1
-    assert (("b", "a", MsgType.ACTIVATION) in FRAMES_SENT and ("b", "c", MsgType.ACTIVATION) in FRAMES_SENT)
+    assert ("b", "a", MsgType.ACTIVATION) in FRAMES_SENT
+    assert ("b", "c", MsgType.ACTIVATION) in FRAMES_SENT
     assert ("b", "a", MsgType.PROGRESS) not in FRAMES_SENT
 
 
 async def test_dataplane_refusal_excludes_only_the_refused_segment() -> None:
     """A refused segment is avoided, but the refusing agent keeps serving its other segments.
 
-    Agent b holds unit 0, the only copy, and is listed first for unit 1, which it has not loaded
+    Agent b has unit 0, the only copy, and is listed first for unit 1, which it has not loaded
     (as during a plan switch). Its refusal must exclude b for unit 1 only: excluding the whole
     agent would leave unit 0 without a holder, and the request would wait and be refused again.
     """

@@ -270,5 +270,6 @@ def test_max_stages_replica_restored_when_its_agent_returns(toy_cluster: LocalCl
     cluster.wait_started(cluster.index_of(victim))  # its admin port is new
     after = wait_for_holders(set(cluster.node_ids))
     # The stage itself did not move: the returning agent is a replica again.
-    assert after[0][:2] == before[0][:2] and after[0][2][0] == "agent-0", after
+    assert after[0][:2] == before[0][:2], after
+    assert after[0][2][0] == "agent-0", after
     _infer_toy(cluster, cluster.index_of(victim), "stack", inputs, want)

@@ -112,18 +112,20 @@ def time_calls(fn: Callable[[], object], *, count: int) -> list[float]:
 
 def whole_model_items_per_s(spec, inputs: Mapping[str, torch.Tensor]) -> float:
     """Return the best of BASELINE_ROUNDS rounds, because single rounds read 242-278 items/s here."""
-    rows = inputs["input_ids"].shape[0]
     for _ in range(2):
         spec.reference(inputs)
-    rates = []
-    for _ in range(BASELINE_ROUNDS):
-        done = 0
-        started = time.perf_counter()
-        while time.perf_counter() - started < BASELINE_SECONDS:
-            spec.reference(inputs)
-            done += rows
-        rates.append(done / (time.perf_counter() - started))
-    return max(rates)
+    return max(timed_round(spec, inputs) for _ in range(BASELINE_ROUNDS))
+
+
+def timed_round(spec, inputs: Mapping[str, torch.Tensor]) -> float:
+    """Run the whole model on ``inputs`` for BASELINE_SECONDS and return the items per second."""
+    rows = inputs["input_ids"].shape[0]
+    done = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < BASELINE_SECONDS:
+        spec.reference(inputs)
+        done += rows
+    return done / (time.perf_counter() - started)
 
 
 def _ceiling_worker(conn, rows: int) -> None:
@@ -137,12 +139,7 @@ def _ceiling_worker(conn, rows: int) -> None:
             spec.reference(inputs)
         conn.send("ready")
         while conn.recv() == "go":
-            done = 0
-            started = time.perf_counter()
-            while time.perf_counter() - started < BASELINE_SECONDS:
-                spec.reference(inputs)
-                done += rows
-            conn.send(done / (time.perf_counter() - started))
+            conn.send(timed_round(spec, inputs))
 
 
 def parallel_ceiling_items_per_s(processes: int = 2, rows: int = 8) -> float:

@@ -73,7 +73,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,9 @@ BLOB_DIR = "blobs"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 # Upper bound on a manifest file: a manifest lists units, not weights; 16 MiB fits ~20 000 units.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+# A model has a handful of inputs with a few dimensions each, so 64 groups of up to 64 members
+# cover any real model, and the bound keeps a hostile manifest from costing much to check.
+MAX_EQUAL_DIM_GROUPS = 64
 
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FQN_RE = re.compile(r"^(?!__)[A-Za-z0-9_]+(\.(?!__)[A-Za-z0-9_]+)*$")
@@ -233,6 +236,10 @@ class Manifest:
     units: tuple[UnitEntry, ...]
     strategy: Strategy
     heads: dict[str, tuple[int, ...]] | None = None
+    # Groups of model-input dimensions that the units need equal, such as the sequence length of
+    # input_ids and of attention_mask. Export finds them (see ``equal_input_dims``), and the
+    # gateway checks them so that a mismatch is reported with the model's own input names.
+    equal_dims: tuple[tuple[tuple[str, int], ...], ...] = ()
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -258,6 +265,7 @@ class Manifest:
             "units": [unit.to_json() for unit in self.units],
             "strategy": self.strategy.to_json(),
             "heads": {task: list(indices) for task, indices in self.heads.items()} if self.heads else None,
+            "equal_dims": [[[name, dim] for name, dim in group] for group in self.equal_dims],
         }
         return json.dumps(obj, indent=1, sort_keys=True)
 
@@ -299,12 +307,35 @@ class Manifest:
                 units=tuple(UnitEntry.from_json(u, f"manifest.units[{i}]") for i, u in enumerate(units)),
                 strategy=Strategy.from_json(obj.get("strategy")),
                 heads=heads,
+                equal_dims=_equal_dims_from_json(obj.get("equal_dims", []), _specs_from_json(obj.get("inputs"), "manifest.inputs")),
             )
             validate_graph(manifest)
             check_strategy(manifest, manifest.strategy)
         except (SpecError, InputError) as exc:
             raise ArtifactError(f"invalid manifest for model {obj['model']!r}: {exc}") from None
         return manifest
+
+
+def _equal_dims_from_json(obj: Any, input_specs: Mapping[str, TensorSpec]) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """Parse ``manifest.equal_dims``: a list of groups, each a list of [model input name, dimension]."""
+    where = "manifest.equal_dims"
+    if not isinstance(obj, list) or len(obj) > MAX_EQUAL_DIM_GROUPS:
+        raise ArtifactError(f"{where}: expected a list of at most {MAX_EQUAL_DIM_GROUPS} groups, got {obj!r:.200}")
+    groups = []
+    for index, group in enumerate(obj):
+        if not isinstance(group, list) or not 2 <= len(group) <= MAX_EQUAL_DIM_GROUPS:
+            raise ArtifactError(f"{where}[{index}]: expected a list of 2 to {MAX_EQUAL_DIM_GROUPS} [input, dimension] "
+                                f"pairs, got {group!r:.200}")
+        members = []
+        for pair in group:
+            valid = (isinstance(pair, list) and len(pair) == 2 and pair[0] in input_specs and isinstance(pair[1], int)
+                     and not isinstance(pair[1], bool) and 0 <= pair[1] < len(input_specs[pair[0]].shape))
+            if not valid:
+                raise ArtifactError(f"{where}[{index}]: {pair!r:.100} is not [model input name, dimension] for an "
+                                    f"input in {sorted(input_specs)}")
+            members.append((pair[0], pair[1]))
+        groups.append(tuple(members))
+    return tuple(groups)
 
 
 def load_manifest(path: Path | str) -> Manifest:
@@ -336,6 +367,56 @@ def _output_specs(ep: torch.export.ExportedProgram, names: Sequence[str]) -> dic
         shape = tuple(int(size) if isinstance(size, int) else -1 for size in fake.shape)
         specs[name] = TensorSpec(dtype_name(fake.dtype), shape)
     return specs
+
+
+def _symbol_dims(ep: torch.export.ExportedProgram, inputs: Sequence[str],
+                 outputs: Sequence[str]) -> dict[tuple[str, int], str]:
+    """Map each (tensor name, dimension) of a unit that export made a bare symbol to that symbol."""
+    by_name = {node.name: node for node in ep.graph.nodes if node.op == "placeholder"}
+    input_nodes = [by_name[name] for name in ep.graph_signature.user_inputs]
+    output_node = next(node for node in ep.graph.nodes if node.op == "output")
+    output_nodes = list(output_node.args[0])[: len(outputs)]
+    symbols: dict[tuple[str, int], str] = {}
+    for names, nodes in ((inputs, input_nodes), (outputs, output_nodes)):
+        for name, node in zip(names, nodes):
+            value = getattr(node, "meta", {}).get("val")
+            if not isinstance(value, torch.Tensor):
+                continue
+            for dim, size in enumerate(value.shape):
+                if isinstance(size, torch.SymInt) and getattr(size.node.expr, "is_Symbol", False):
+                    symbols[(name, dim)] = str(size.node.expr)
+    return symbols
+
+
+def equal_input_dims(unit_symbols: Sequence[Mapping[tuple[str, int], str]],
+                     model_inputs: Sequence[str]) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """Return the groups of model-input dimensions that must be equal, from each unit's symbols.
+
+    Within one unit, dimensions with the same symbol are equal. A unit output carries its
+    symbol's class to the units that read it, so attention_mask's length in an encoder layer is
+    linked back to input_ids' length in the embeddings unit that produced the layer's input.
+    """
+    parent: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def root(key: tuple[str, int]) -> tuple[str, int]:
+        parent.setdefault(key, key)
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for symbols in unit_symbols:
+        first_by_symbol: dict[str, tuple[str, int]] = {}
+        for key, symbol in symbols.items():
+            other = first_by_symbol.setdefault(symbol, key)
+            parent[root(key)] = root(other)
+    groups: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    for key in list(parent):
+        if key[0] in model_inputs:
+            groups.setdefault(root(key), []).append(key)
+    ordered = [tuple(sorted(group, key=lambda k: (model_inputs.index(k[0]), k[1]))) for group in groups.values()]
+    return tuple(sorted((group for group in ordered if len(group) > 1),
+                        key=lambda group: (model_inputs.index(group[0][0]), group[0][1])))
 
 
 def export_unit(
@@ -440,9 +521,11 @@ def export_model(spec: ModelSpec, out_dir: Path | str) -> Manifest:
     tensors = example_tensors(spec)
     specs: dict[str, TensorSpec] = dict(spec.input_specs)
     entries: list[UnitEntry] = []
+    unit_symbols: list[dict[tuple[str, int], str]] = []
     for unit in spec.units:
         ep = export_unit(unit.module, unit.inputs, tensors, specs)
         output_specs = _output_specs(ep, unit.outputs)
+        unit_symbols.append(_symbol_dims(ep, unit.inputs, unit.outputs))
         fixed = {name: s for name, s in output_specs.items() if s.shape and s.shape[0] != -1}
         if fixed:
             # NOTE: an output with a fixed dimension 0 means export specialized the unit to the
@@ -478,6 +561,7 @@ def export_model(spec: ModelSpec, out_dir: Path | str) -> Manifest:
         units=tuple(entries),
         strategy=spec.strategy,
         heads=spec.heads,
+        equal_dims=equal_input_dims(unit_symbols, list(spec.input_specs)),
     )
     _write_atomic(out_dir / MANIFEST_FILE, manifest.to_json().encode())
     logger.info(
@@ -847,6 +931,39 @@ def check_inputs(manifest: Manifest, tensors: Mapping[str, Any], *, task: str | 
     """Check a request's model inputs: every input present, none unexpected, dtype and shape right."""
     needed = segment_inputs(manifest, route_for_task(manifest, task)[0], task)
     check_tensors(manifest.input_specs, tensors, what=f"model {manifest.model!r}", only=needed, strict=True)
+    check_equal_dims(manifest, tensors)
+
+
+def check_equal_dims(manifest: Manifest, tensors: Mapping[str, Any]) -> None:
+    """Raise InputError when model inputs differ in dimensions that ``manifest.equal_dims`` ties together."""
+    unequal = first_unequal_dims(manifest.equal_dims, tensors)
+    if unequal is not None:
+        (name, dim, size), (other, other_dim, other_size) = unequal
+        raise InputError(
+            f"model {manifest.model!r}: input {name!r} dimension {dim} is {size}, but input {other!r} dimension "
+            f"{other_dim} is {other_size}; the model needs them equal, so give both the same size"
+        )
+
+
+def first_unequal_dims(
+    groups: Iterable[Sequence[Sequence[Any]]], tensors: Mapping[str, Any]
+) -> tuple[tuple[str, int, int], tuple[str, int, int]] | None:
+    """Return the first (input, dimension, size) that differs from an earlier one in its group, and that one.
+
+    Inputs that are missing, or too short to have the dimension, are left to the other checks.
+    """
+    for group in groups:
+        first: tuple[str, int, int] | None = None
+        for name, dim in group:
+            tensor = tensors.get(name)
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() <= dim:
+                continue
+            size = int(tensor.shape[dim])
+            if first is None:
+                first = (name, dim, size)
+            elif size != first[2]:
+                return (name, dim, size), first
+    return None
 
 
 BlobSource = Mapping[str, Path | str] | Callable[[str], Path | str | bytes]

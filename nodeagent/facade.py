@@ -284,6 +284,7 @@ class InputSpec(TypedDict, total=False):
     inputs: list[TensorSpec]
     text_input: bool  # whether {"text": [...]} is accepted (the model ships a tokenizer)
     tasks: list[str]  # accepted values of the optional `task` field; empty = none
+    equal_dims: list[list[list[Any]]]  # groups of [input name, dimension] that need one size
 
 
 class AlertInfo(TypedDict, total=False):

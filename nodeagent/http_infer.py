@@ -33,6 +33,7 @@ from typing import Any
 import msgpack
 import torch
 
+from coordinator.export import first_unequal_dims
 from nodeagent.batching import Priority
 from nodeagent.facade import InferRequest, InferResult, InputSpec
 from nodeagent.http_errors import ApiError, bad_request
@@ -315,6 +316,17 @@ def check_against_spec(tensors: dict[str, torch.Tensor], spec: InputSpec) -> Non
                 expected=want_shape,
                 status=422,
             )
+    unequal = first_unequal_dims(spec.get("equal_dims", []), tensors)
+    if unequal is not None:
+        (name, dim, size), (other, other_dim, other_size) = unequal
+        raise bad_request(
+            f"input {name!r} has {size} in dimension {dim}, but input {other!r} has {other_size} in dimension "
+            f"{other_dim}; model {spec.get('model')!r} needs them equal, so give both the same size",
+            field=f"inputs.{name}.shape",
+            value=list(tensors[name].shape),
+            expected=f"{other_size} in dimension {dim}",
+            status=422,
+        )
 
 
 def parse_options(data: dict[str, Any]) -> dict[str, Any]:

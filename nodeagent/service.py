@@ -281,6 +281,7 @@ class AgentService:
             ],
             "text_input": bool(entry.get("tokenizer")),
             "tasks": sorted(manifest.heads or {}),
+            "equal_dims": [[[input_name, dim] for input_name, dim in group] for group in manifest.equal_dims],
         }
 
     async def _tokenize(self, entry: dict, text: list[str]) -> dict[str, torch.Tensor]:

@@ -45,6 +45,8 @@ class MemModel:
     segments: dict[str, list[dict[str, Any]]]
     traffic: ModelTraffic
     states: dict[str, str] = field(default_factory=dict)
+    # Groups of [input name, dimension] that must have one size, as a real manifest lists them.
+    equal_dims: list[list[list[Any]]] = field(default_factory=list)
 
 
 def _scaled(factor: float) -> Callable[[InferRequest], dict[str, torch.Tensor]]:
@@ -109,6 +111,7 @@ class MemFacade:
                 segments={"v1": _placement(["node-b"], ["node-c"])},
                 traffic=ModelTraffic("embed").add_version("v1"),
                 states={"v1": "ready"},
+                equal_dims=[[["input_ids", 0], ["attention_mask", 0]], [["input_ids", 1], ["attention_mask", 1]]],
             ),
         }
 
@@ -278,4 +281,4 @@ class MemFacade:
             version = max(weights, key=lambda v: weights[v])
         self._version(model, version)
         return InputSpec(model=name, version=version, inputs=model.inputs, text_input=model.text_input,
-                         tasks=["embed"] if model.text_input else [])
+                         tasks=["embed"] if model.text_input else [], equal_dims=model.equal_dims)

@@ -300,9 +300,11 @@ def test_http_bad_inputs_rejected_agent_stays_up(three_way, inputs, reference) -
     good = inputs[0]
     wrong_dtype = dict(good, input_ids=good["input_ids"].float())
     wrong_shape = dict(good, input_ids=good["input_ids"].unsqueeze(0))
+    short_mask = dict(good, attention_mask=good["attention_mask"][:, :-1])
     cases = [
         ("minilm", wrong_dtype, 422, "inputs.input_ids.dtype"),
         ("minilm", wrong_shape, 422, "inputs.input_ids.shape"),
+        ("minilm", short_mask, 422, "inputs.attention_mask.shape"),
         ("no-such-model", good, 404, "model"),
     ]
     import urllib.error
@@ -320,6 +322,10 @@ def test_http_bad_inputs_rejected_agent_stays_up(three_way, inputs, reference) -
             status, body = exc.code, json.loads(exc.read())
         assert status == expected_status, body
         assert body["error"]["field"] == expected_field, body
+        if tensors is short_mask:
+            # The gateway names the model input the mask must match, not an activation inside the model.
+            assert "input 'input_ids'" in body["error"]["message"], body
+            assert "hidden" not in body["error"]["message"], body
 
     # A deploy with a mistyped option is rejected at once, on an agent that is not the coordinator too.
     for agent in (0, 1):

@@ -156,6 +156,33 @@ def test_efficientnet_every_segment_count(efficientnet: Exported) -> None:
     _check_every_segment_count(efficientnet, inputs)
 
 
+def test_minilm_manifest_links_input_lengths(minilm: Exported) -> None:
+    # attention_mask meets input_ids' length only in the encoder layers, through the embeddings'
+    # output, so the link comes from following symbols across units.
+    assert minilm.manifest.equal_dims == (
+        (("input_ids", 0), ("attention_mask", 0), ("token_type_ids", 0)),
+        (("input_ids", 1), ("attention_mask", 1), ("token_type_ids", 1)),
+    )
+    good = zoo.minilm_tokenize(["a longer sentence here", "b"])
+    check_inputs(minilm.manifest, good)
+    short_mask = {**good, "attention_mask": good["attention_mask"][:, :-1]}
+    with pytest.raises(InputError, match=r"input 'attention_mask' dimension 1 is 5, but input 'input_ids' dimension 1 is 6"):
+        check_inputs(minilm.manifest, short_mask)
+
+
+def test_manifest_equal_dims_checked_on_load(minilm: Exported) -> None:
+    obj = json.loads(minilm.manifest.to_json())
+    assert Manifest.from_json(json.dumps(obj)).equal_dims == minilm.manifest.equal_dims
+    # A manifest written before equal_dims existed loads with no groups.
+    del obj["equal_dims"]
+    assert Manifest.from_json(json.dumps(obj)).equal_dims == ()
+    for bad in ([[["input_ids", 1], ["no_such_input", 1]]], [[["input_ids", 2], ["attention_mask", 2]]],
+                [[["input_ids", 1]]], {"input_ids": 1}):
+        obj["equal_dims"] = bad
+        with pytest.raises(ArtifactError, match=r"manifest.equal_dims"):
+            Manifest.from_json(json.dumps(obj))
+
+
 def test_efficientnet_manifest_batch_dynamic(efficientnet: Exported) -> None:
     specs = [spec for unit in efficientnet.manifest.units for spec in unit.output_specs.values()]
     assert all(spec.shape[0] == -1 for spec in specs)

@@ -251,6 +251,10 @@ BAD_INFER_CASES: list[tuple[str, str, Any, str, int, str]] = [
      "application/json", 422, "inputs.x.shape"),
     ("missing_input", "embed", {"inputs": {"input_ids": tensor_to_json(torch.zeros(1, 3, dtype=torch.int64))}},
      "application/json", 422, "inputs.attention_mask"),
+    ("unequal_lengths", "embed", {"task": "embed", "inputs": {
+        "input_ids": tensor_to_json(torch.zeros(1, 3, dtype=torch.int64)),
+        "attention_mask": tensor_to_json(torch.ones(1, 2, dtype=torch.int64))}},
+     "application/json", 422, "inputs.attention_mask.shape"),
     ("unexpected_input", "double", {"inputs": {"x": tensor_to_json(torch.zeros(1, 4)),
                                                "z": tensor_to_json(torch.zeros(1))}},
      "application/json", 422, "inputs.z"),

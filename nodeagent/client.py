@@ -177,8 +177,14 @@ def _token_from_data_dir(config: Any) -> str | None:
 # ---- output helpers --------------------------------------------------------------------------
 
 
+# rich draws 80 columns when stdout is not a terminal, which cuts addresses and roles in the
+# status table when it is piped to a file or to grep. A pipe has no width, so draw wider.
+PIPED_WIDTH = 200
+
+
 def _console() -> Console:
-    return Console(highlight=False)
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else PIPED_WIDTH
+    return Console(highlight=False, width=width)
 
 
 def _print_json(value: Any) -> None:

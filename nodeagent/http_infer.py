@@ -97,8 +97,10 @@ def parse_body(body: bytes, content_type: str) -> tuple[dict[str, Any], bool]:
                 max_ext_len=0,
             )
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
+            # msgpack's FormatError carries no text, so the exception's type is the reason.
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise bad_request(
-                f"body is not valid msgpack: {exc}",
+                f"body is not valid msgpack ({reason}); encode it with msgpack.packb, or send JSON",
                 field="body",
                 value=f"<{len(body)} bytes>",
                 expected='a msgpack map {"inputs": [tensor metadata], "payload": <bin>} or {"text": [...]}',
@@ -314,6 +316,17 @@ def check_against_spec(tensors: dict[str, torch.Tensor], spec: InputSpec) -> Non
                 field=f"inputs.{name}.shape",
                 value=got_shape,
                 expected=want_shape,
+                status=422,
+            )
+    for name, tensor in tensors.items():
+        if 0 in tensor.shape:
+            dim = list(tensor.shape).index(0)
+            raise bad_request(
+                f"input {name!r} has shape {list(tensor.shape)}, with size 0 in dimension {dim}; every dimension "
+                f"needs at least 1 element (for text, at least one token)",
+                field=f"inputs.{name}.shape",
+                value=list(tensor.shape),
+                expected="sizes of at least 1",
                 status=422,
             )
     unequal = first_unequal_dims(spec.get("equal_dims", []), tensors)

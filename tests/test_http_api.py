@@ -251,6 +251,12 @@ BAD_INFER_CASES: list[tuple[str, str, Any, str, int, str]] = [
      "application/json", 422, "inputs.x.shape"),
     ("missing_input", "embed", {"inputs": {"input_ids": tensor_to_json(torch.zeros(1, 3, dtype=torch.int64))}},
      "application/json", 422, "inputs.attention_mask"),
+    ("empty_sequence", "embed", {"task": "embed", "inputs": {
+        "input_ids": tensor_to_json(torch.zeros(1, 0, dtype=torch.int64)),
+        "attention_mask": tensor_to_json(torch.ones(1, 0, dtype=torch.int64))}},
+     "application/json", 422, "inputs.input_ids.shape"),
+    ("empty_batch", "double", {"inputs": {"x": tensor_to_json(torch.zeros(0, 4))}},
+     "application/json", 422, "inputs.x.shape"),
     ("unequal_lengths", "embed", {"task": "embed", "inputs": {
         "input_ids": tensor_to_json(torch.zeros(1, 3, dtype=torch.int64)),
         "attention_mask": tensor_to_json(torch.ones(1, 2, dtype=torch.int64))}},
@@ -305,6 +311,16 @@ async def test_infer_bad_input_names_field(
     assert not any(name == "infer" for name, _ in facade.calls), "bad input reached the agent"
     async with http.get(f"{base}/healthz") as r:
         assert r.status == 200
+
+
+async def test_infer_malformed_msgpack_gives_reason(serve: Start, http: aiohttp.ClientSession) -> None:
+    base = await serve(MemFacade())
+    async with http.post(f"{base}/v1/models/double/infer", data=b"\xc1\xff\x00",
+                         headers={"Content-Type": "application/msgpack"}) as r:
+        assert r.status == 400
+        error = await error_of(r)
+    assert "FormatError" in error["message"], error
+    assert "msgpack.packb" in error["message"], error
 
 
 async def test_infer_unknown_model_lists_available(serve: Start, http: aiohttp.ClientSession) -> None:
@@ -791,6 +807,17 @@ async def test_client_status_tables(serve: Start, capsys: pytest.CaptureFixture[
     assert await run_cli("status", "--url", base) == 0
     out = capsys.readouterr().out
     assert "coordinator node-a" in out
+    assert "seg0(node-a) -> seg1(node-b,node-c)" in out
+
+
+async def test_client_status_piped_not_cut(serve: Start, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under capsys, stdout is not a terminal, as with a pipe, and COLUMNS is unset here.
+    monkeypatch.delenv("COLUMNS")
+    base = await serve()
+    assert await run_cli("status", "--url", base) == 0
+    out = capsys.readouterr().out
+    assert "\u2026" not in out, out
     assert "seg0(node-a) -> seg1(node-b,node-c)" in out
 
 

@@ -224,6 +224,11 @@ class FailureDetector:
         peer = self._peers.get(peer_id)
         return peer.state if peer is not None else None
 
+    def silent_s(self, now: float, peer_id: str) -> float | None:
+        """Return the seconds since `peer_id` was last heard, or None for an untracked peer."""
+        peer = self._peers.get(peer_id)
+        return max(0.0, now - peer.last_heard) if peer is not None else None
+
     def incarnation_of(self, peer_id: str) -> int | None:
         peer = self._peers.get(peer_id)
         return peer.incarnation if peer is not None else None

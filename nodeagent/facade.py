@@ -237,7 +237,7 @@ class MemberInfo(TypedDict, total=False):
     address: str  # peer address, "host:port"
     admin_url: str | None
     capabilities: dict[str, Any]  # devices, cpu_count, memory_bytes, measured speed
-    health: dict[str, Any]  # loop_lag_ms, inflight, degraded
+    health: dict[str, Any]  # self: loop_lag_ms, inflight, degraded; peers: queue, degraded, rtt_ms, silent_s
 
 
 class ClusterStatus(TypedDict, total=False):

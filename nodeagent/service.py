@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from coordinator import registry as registry_ops
+from coordinator.detector import PeerState
 from coordinator.micromodel import route_for_task
 from coordinator.registry import RegistryError
 from nodeagent import facade
@@ -124,18 +125,23 @@ class AgentService:
             state = "left"
         elif node_id in membership.dead:
             state = "dead"
+        elif membership.detector.state_of(node_id) is PeerState.SUSPECT:
+            # Silent past suspect_after_s: requests routed to it may wait until it is declared dead.
+            state = "suspect"
         elif peer.is_member:
             state = "alive"
         else:
             state = peer.reachability
         report = membership.reports.get(node_id, {})
+        silent_s = membership.detector.silent_s(time.monotonic(), node_id)
         return {
             "node_id": node_id, "role": role, "state": state,
             "address": f"{peer.host}:{peer.port}" if peer.host else "",
             "admin_url": self._admin_url(node_id),
             "capabilities": peer.info.get("caps", {}),
             "health": {"queue": report.get("queue", 0), "degraded": bool(report.get("wedged")),
-                       "rtt_ms": round(membership.rtt_s.get(node_id, 0.0) * 1000, 3)},
+                       "rtt_ms": round(membership.rtt_s.get(node_id, 0.0) * 1000, 3),
+                       "silent_s": round(silent_s, 3) if silent_s is not None else None},
             "incarnation": peer.incarnation,
         }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -437,11 +438,32 @@ def test_failover_sigstop_drains_to_replica(fresh_cluster, inputs, reference) ->
         return await send_requests(infer_url(cluster, gateway), inputs, 2000, concurrency=8, on_done=on_done,
                                    stop_submitting=enough)
 
+    # The gateway's status page, polled while traffic runs: (seconds after the stop, state, silent_s).
+    seen: list[tuple[float, str, float | None]] = []
+    polling = threading.Event()
+
+    def poll_status() -> None:
+        while not polling.wait(0.1):
+            if not stopped_at:
+                continue
+            member = next(m for m in cluster.get(gateway, "/v1/cluster")["members"] if m["node_id"] == target)
+            seen.append((time.monotonic() - stopped_at[0], member["state"], member["health"].get("silent_s")))
+
+    poller = threading.Thread(target=poll_status, name="status-poller", daemon=True)
+    poller.start()
     try:
         outcomes = asyncio.run(run())
     finally:
+        polling.set()
+        poller.join(10.0)
         cluster.signal_agent(cluster.index_of(target), signal.SIGCONT)
     failures, worst = check_outputs(outcomes, inputs, reference)
+    # The status page shows the stopped agent as suspect before it is declared dead.
+    states = [state for _, state, _ in seen]
+    assert "suspect" in states, seen
+    first_suspect = states.index("suspect")
+    assert "dead" not in states[:first_suspect], seen
+    assert seen[first_suspect][2] >= LOCAL_TIMING["suspect_after_s"] - 0.2, seen
 
     assert stopped_at, "the replica was never stopped"
     assert failures == [], failures[:5]

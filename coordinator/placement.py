@@ -194,6 +194,7 @@ def choose_route(
     route_units: Sequence[int] | None = None,
     excluded_hops: Collection[tuple[str, int]] = (),
     turn: int = 0,
+    avoid: Collection[str] = (),
 ) -> list[Hop] | None:
     """Pick a route from boundary ``start`` to the end of the request's route, or None when none exists.
 
@@ -204,7 +205,8 @@ def choose_route(
     there cannot enter a segment half-way. ``route_units`` restricts the walk to one task's segments of a branch model (see
     ``segments_on_route``); None walks every segment. ``excluded_hops`` holds (agent, first
     unit) pairs that must not be used, such as a segment that an agent just refused, while the
-    agent stays usable for its other segments.
+    agent stays usable for its other segments. An agent in ``avoid`` (one the failure detector
+    suspects) gets a hop only when the segment has no other usable replica.
     """
     segments = segments_on_route(placement, route_units)
     if segments is None:
@@ -221,6 +223,7 @@ def choose_route(
                       if agent in usable_set and (agent, segment.first) not in excluded_hops]
         if not candidates:
             return None
+        candidates = [agent for agent in candidates if agent not in avoid] or candidates
         fewest = min(outstanding.get(agent, 0) for agent in candidates)
         tied = [agent for agent in candidates if outstanding.get(agent, 0) == fewest]
         route.append(Hop(segment.first, segment.last, tied[turn % len(tied)]))

@@ -38,6 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from coordinator import registry as registry_ops
+from coordinator.detector import PeerState
 from coordinator.election import ElectionCore, ElectionTiming
 from coordinator.election_storage import FileElectionStorage
 from coordinator.fencing import EpochFence, FencingError, FileFenceStorage
@@ -201,6 +202,10 @@ class Agent:
             if self.links.connected(peer, "data") and self.membership.is_usable(peer):
                 usable.add(peer)
         return usable
+
+    def suspected_agents(self) -> set[str]:
+        """Members the failure detector suspects: silent past suspect_after_s, not yet declared dead."""
+        return set(self.membership.detector.members(PeerState.SUSPECT))
 
     def timeout_scale(self) -> float:
         return self.looplag.timeout_scale()

@@ -181,7 +181,7 @@ class DataPlane:
             point = self.tracker.resume_point(request_id, usable=usable, cuts=cuts)
         route = choose_route(placement, point.boundary, outstanding=self._outstanding, usable=usable,
                              route_units=state.route_units, excluded_hops=state.excluded_hops,
-                             turn=self._route_turn)
+                             turn=self._route_turn, avoid=self.host.suspected_agents())
         self._route_turn += 1
         if route is None:
             reason = self._no_route_reason(placement, state, point.boundary, usable)

@@ -117,6 +117,17 @@ def test_choose_route_rotates_ties() -> None:
     assert tied == ["a", "c", "a", "c"]
 
 
+def test_choose_route_avoids_suspects() -> None:
+    placement = placement_from_stages("chain", "v1", 1, 2, [(0, 0, ["a", "b"]), (1, 1, ["c"])])
+    usable = {"a", "b", "c"}
+    # A suspected replica gets no hop while another replica is usable, even with fewer requests.
+    routes = [choose_route(placement, 0, outstanding={"b": 3}, usable=usable, avoid={"a"}, turn=turn)
+              for turn in range(3)]
+    assert [route[0].agent for route in routes] == ["b", "b", "b"]
+    # A suspected sole holder still gets its hop: waiting on it beats having no route.
+    assert choose_route(placement, 0, outstanding={}, usable=usable, avoid={"c"}) == [Hop(0, 0, "a"), Hop(1, 1, "c")]
+
+
 def test_choose_route_resumes_at_head_start() -> None:
     placement = _branch_placement()
     usable = {"a", "b", "c"}

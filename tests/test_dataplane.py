@@ -473,10 +473,12 @@ def test_failover_sigstop_drains_to_replica(fresh_cluster, inputs, reference) ->
     drain_s = max((o.finished - stopped_at[0] for o in stuck), default=0.0)
     assert stuck, "no request was in flight at the stop"
     assert drain_s <= bound_s + 2.0, f"draining took {drain_s:.2f} s"
-    # ... and requests sent after the bound go to the other replica only.
-    late = [o for o in outcomes if o.submitted > stopped_at[0] + bound_s]
-    assert late, "no request was sent after the bound"
-    assert all(target not in o.route for o in late)
+    # ... and requests sent once the detector suspects the stopped agent (suspect_after_s, plus a
+    # heartbeat and a detector tick, plus slack) go to the other replica only.
+    avoid_after_s = LOCAL_TIMING["suspect_after_s"] + 1.0
+    late = [o for o in outcomes if o.submitted > stopped_at[0] + avoid_after_s]
+    assert late, "no request was sent after the stopped agent was suspected"
+    assert all(target not in o.route for o in late), [o.route for o in late if target in o.route][:3]
     assert max(o.latency_s for o in late) < bound_s
 
 
@@ -533,6 +535,7 @@ class FakeHost:
         self.epoch = 1
         self.placement = placement
         self.network = network
+        self.suspected: set[str] = set()
         self.dataplane = DataPlane(self, hop_timeout_s=2.0)
 
     def placement_for(self, model: str, version: str):
@@ -544,6 +547,9 @@ class FakeHost:
 
     def usable_agents(self) -> set[str]:
         return set(self.network)
+
+    def suspected_agents(self) -> set[str]:
+        return set(self.suspected)
 
     def fenced_epoch(self) -> int:
         return 1
@@ -569,17 +575,8 @@ async def infer_in_memory(network: dict[str, FakeHost], gateway: str, inputs: di
             await host.dataplane.close()
 
 
-@pytest.mark.parametrize(("held_plan", "refused"), [(None, True), (3, True), (1, False)])
-async def test_dataplane_refused_hop_retried_on_replica(held_plan: int | None, refused: bool) -> None:
-    """A hop sent to an agent without the segment, or with only a newer plan, is refused and retried.
-
-    Two real ``DataPlane`` objects exchange frames in memory because a cluster of agent processes
-    routes only to agents that report the segment loaded, so it cannot be made to send a hop to
-    one without it on demand. Frames carry plan 2. Agent "b" is listed first (the planner's
-    choice), so it gets the first attempt. It has no segment loaded, or the segment under plan 3
-    (a refusal), or the segment under plan 1. The last is served, because b has only not applied
-    the commit of plan 2 yet and the units are the same.
-    """
+def one_unit_network() -> tuple[dict[str, FakeHost], Callable]:
+    """Agents a (the gateway), b and c with a one-unit toy model placed on replicas b then c."""
     torch.set_num_threads(1)
     linear = torch.nn.Linear(4, 3)
     placement = placement_from_stages("toy", "v1", 2, 1, [(0, 0, ("b", "c"))])
@@ -591,6 +588,21 @@ async def test_dataplane_refused_hop_retried_on_replica(held_plan: int | None, r
         with torch.no_grad():
             return {"y": linear(tensors["x"])}
 
+    return network, run
+
+
+@pytest.mark.parametrize(("held_plan", "refused"), [(None, True), (3, True), (1, False)])
+async def test_dataplane_refused_hop_retried_on_replica(held_plan: int | None, refused: bool) -> None:
+    """A hop sent to an agent without the segment, or with only a newer plan, is refused and retried.
+
+    Two real ``DataPlane`` objects exchange frames in memory because a cluster of agent processes
+    routes only to agents that report the segment loaded, so it cannot be made to send a hop to
+    one without it on demand. Frames carry plan 2. Agent "b" is listed first (the planner's
+    choice), so it gets the first attempt. It has no segment loaded, or the segment under plan 3
+    (a refusal), or the segment under plan 1. The last is served, because b has only not applied
+    the commit of plan 2 yet and the units are the same.
+    """
+    network, run = one_unit_network()
     key = ("toy", "v1", 0, 0)
     workers = [SegmentWorker("toy@v1[0..0]-c", run, max_wait_s=0.0)]
     network["c"].segments.loaded[key] = FakeSegment(key, workers[0], {2})
@@ -606,6 +618,24 @@ async def test_dataplane_refused_hop_retried_on_replica(held_plan: int | None, r
     assert network[serving].dataplane.counters["hops_run"] == 1
     assert info["attempts"] == (2 if refused else 1)
     assert [hop[2] for hop in info["route"]] == [serving]
+
+
+async def test_dataplane_routes_around_suspected_replica() -> None:
+    """The gateway sends no hop to a replica that its failure detector suspects, while another serves."""
+    network, run = one_unit_network()
+    key = ("toy", "v1", 0, 0)
+    workers = [SegmentWorker(f"toy@v1[0..0]-{node}", run, max_wait_s=0.0) for node in ("b", "c")]
+    for node, worker in zip(("b", "c"), workers):
+        network[node].segments.loaded[key] = FakeSegment(key, worker, {2})
+    # b is listed first, so it would take the first request if it were not suspected.
+    network["a"].suspected = {"b"}
+    x = torch.randn(2, 4)
+    outputs, info = await infer_in_memory(network, "a", {"x": x}, workers)
+
+    assert torch.equal(outputs["y"], run({"x": x})["y"])
+    assert [hop[2] for hop in info["route"]] == ["c"]
+    assert info["attempts"] == 1
+    assert network["b"].dataplane.counters["hops_run"] == 0
 
 
 def two_unit_network(stages: list) -> tuple[dict[str, FakeHost], Callable, Callable]:

@@ -29,6 +29,10 @@ from nodeagent.traffic import TrafficError, choose_version
 logger = logging.getLogger(__name__)
 
 DEFAULT_DEADLINE_S = 30.0
+# A deadline under this share of the planner's latency estimate is rejected before any hop runs.
+# The estimate is for the profiled batch on an idle cluster, so half of it is a floor that a real
+# request cannot beat, with room for the estimate's error.
+DEADLINE_FLOOR_FRACTION = 0.5
 TOKENIZER_MAX_LENGTH = 128
 
 
@@ -325,6 +329,25 @@ class AgentService:
                                     f"use one of {tasks}", field="task", value=task, expected=tasks)
         return route_for_task(manifest, task)
 
+    def _check_deadline_reachable(self, request: facade.InferRequest, version: str, entry: dict,
+                                  deadline_s: float) -> None:
+        """Reject at once a deadline far below the planner's latency estimate for this version.
+
+        Such a request would be routed, queued and run only to miss its deadline. The estimate
+        comes from unit profiles at deploy time, for the profiled batch, so only a deadline under
+        DEADLINE_FLOOR_FRACTION of it is rejected; anything closer is tried.
+        """
+        estimate_s = (entry.get("predicted") or {}).get("latency_s")
+        if not isinstance(estimate_s, (int, float)) or deadline_s >= DEADLINE_FLOOR_FRACTION * estimate_s:
+            return
+        logger.info("rejected request for model %s version %s: deadline %.1f ms, estimated latency %.1f ms",
+                    request.model, version, deadline_s * 1000, estimate_s * 1000)
+        raise facade.Unavailable(
+            f"the deadline of {deadline_s * 1000:.1f} ms cannot be met: model {request.model!r} version {version!r} "
+            f"needs about {estimate_s * 1000:.1f} ms per request (planner estimate); allow more time in deadline_ms",
+            reason="deadline_unreachable", field="deadline_ms", value=round(request.deadline_s * 1000, 3),
+            expected=f"at least {estimate_s * 1000:.1f} ms")
+
     async def infer(self, request: facade.InferRequest) -> facade.InferResult:
         host = self.host
         if host.draining:
@@ -343,6 +366,7 @@ class AgentService:
                     "the request's deadline passed before it was scheduled; allow more time",
                     field="deadline_ms", value=round(request.deadline_s * 1000, 3),
                     expected="a budget of at least a few milliseconds per segment")
+            self._check_deadline_reachable(request, version, entry, deadline_s)
         started = time.monotonic()
         try:
             outputs, info = await host.dataplane.infer(

@@ -357,6 +357,22 @@ def test_deadline_unreachable_explicit_error(three_way, inputs, deadline_ms: int
     assert outcome.latency_s < deadline_ms / 1000 + 0.5
 
 
+@pytest.mark.slow
+def test_deadline_far_below_estimate_rejected_at_once(three_way, inputs) -> None:
+    # 1 ms is far below half the planner's latency estimate for MiniLM, so no hop runs at all.
+    cluster, _ = three_way
+    before = gateway_counters(cluster, 2)
+    outcomes = asyncio.run(send_requests(infer_url(cluster, 2), inputs, 1, deadline_ms=1))
+    outcome = outcomes[0]
+    error = json.loads(outcome.error)["error"]
+
+    assert outcome.status == 503, outcome.error
+    assert error["code"] == "deadline_unreachable", error
+    assert error["field"] == "deadline_ms", error
+    assert "planner estimate" in error["message"], error
+    assert gateway_counters(cluster, 2)["requests"] == before["requests"]
+
+
 # ===================================================================== clusters that get damaged
 
 

@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DEADLINE_S = 30.0
 # A deadline under this share of the planner's latency estimate is rejected before any hop runs.
-# The estimate is for the profiled batch on an idle cluster, so half of it is a floor that a real
-# request cannot beat, with room for the estimate's error.
+# The estimate is for the profiled batch on an idle cluster. Half of it leaves room for the
+# estimate's error, because a request that finishes in less is unlikely but not impossible.
 DEADLINE_FLOOR_FRACTION = 0.5
 TOKENIZER_MAX_LENGTH = 128
 
@@ -334,8 +334,8 @@ class AgentService:
         """Reject at once a deadline far below the planner's latency estimate for this version.
 
         Such a request would be routed, queued and run only to miss its deadline. The estimate
-        comes from unit profiles at deploy time, for the profiled batch, so only a deadline under
-        DEADLINE_FLOOR_FRACTION of it is rejected; anything closer is tried.
+        comes from unit profiles at deploy time, for the profiled batch. So only a deadline under
+        DEADLINE_FLOOR_FRACTION of it is rejected, and a deadline closer to it is tried.
         """
         estimate_s = (entry.get("predicted") or {}).get("latency_s")
         if not isinstance(estimate_s, (int, float)) or deadline_s >= DEADLINE_FLOOR_FRACTION * estimate_s:

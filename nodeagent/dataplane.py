@@ -128,6 +128,9 @@ class DataPlane:
         state = GatewayRequest(dict(inputs), loop.create_future(), priority, task,
                                tuple(route_units) if route_units is not None else None)
         self._requests[request_id] = state
+        # A timer at the deadline fails the request on time; waiting for the watchdog's 50 ms tick
+        # would add up to 50 ms.
+        expiry = loop.call_later(deadline_s, self._fail_expired, request_id)
         try:
             self._launch(request_id, ResumePoint(0, GATEWAY_HOLDER), reason="new request")
             outputs = await state.future
@@ -137,6 +140,7 @@ class DataPlane:
             self.counters["failed"] += 1
             raise
         finally:
+            expiry.cancel()
             self._forget_request(request_id)
 
     def _forget_request(self, request_id: str) -> None:
@@ -332,27 +336,33 @@ class DataPlane:
             if request is not None and request.stalled_reason:
                 self._launch(request_id, ResumePoint(-1, GATEWAY_HOLDER), reason="placement changed")
 
+    def _fail_expired(self, request_id: str) -> None:
+        """Fail a request whose deadline has passed: 503 when it waits for a route, else 504."""
+        request = self.tracker.get(request_id)
+        state = self._requests.get(request_id)
+        if request is None or state is None or state.future.done():
+            return
+        if request.stalled_reason:
+            error = InferenceError(
+                f"request {request_id} could not finish before its deadline: {request.stalled_reason}",
+                status=503, request_id=request_id)
+        else:
+            error = InferenceError(
+                f"request {request_id} passed its deadline waiting on agent {request.waiting_on or 'unknown'} "
+                f"after {request.attempt} attempt(s); allow more time (deadline_ms) or retry",
+                status=504, request_id=request_id)
+        logger.warning("request failed rid=%s: %s", request_id, error)
+        state.future.set_exception(error)
+
     async def watchdog(self) -> None:
         """Fail requests past their deadline, resume stalled ones, retry ones waiting for a route."""
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
             now = time.monotonic()
+            # Each request's own timer fails it at its deadline; this catches any timer that a
+            # slow loop has not run yet.
             for request in self.tracker.expired(now):
-                state = self._requests.get(request.request_id)
-                if state is None or state.future.done():
-                    continue
-                if request.stalled_reason:
-                    error = InferenceError(
-                        f"request {request.request_id} could not finish before its deadline: "
-                        f"{request.stalled_reason}", status=503, request_id=request.request_id)
-                else:
-                    error = InferenceError(
-                        f"request {request.request_id} passed its deadline waiting on agent "
-                        f"{request.waiting_on or 'unknown'} after {request.attempt} attempt(s); "
-                        f"allow more time (deadline_ms) or retry",
-                        status=504, request_id=request.request_id)
-                logger.warning("request failed rid=%s: %s", request.request_id, error)
-                state.future.set_exception(error)
+                self._fail_expired(request.request_id)
             scale = self.host.timeout_scale()
             for request in self.tracker.stalled(now, ROUTE_RETRY_S):
                 if request.stalled_reason:

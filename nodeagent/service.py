@@ -346,7 +346,8 @@ class AgentService:
             f"the deadline of {deadline_s * 1000:.1f} ms cannot be met: model {request.model!r} version {version!r} "
             f"needs about {estimate_s * 1000:.1f} ms per request (planner estimate); allow more time in deadline_ms",
             reason="deadline_unreachable", field="deadline_ms", value=round(request.deadline_s * 1000, 3),
-            expected=f"at least {estimate_s * 1000:.1f} ms")
+            expected=f"at least {DEADLINE_FLOOR_FRACTION * estimate_s * 1000:.1f} ms, and about "
+                     f"{estimate_s * 1000:.1f} ms for the request to finish")
 
     async def infer(self, request: facade.InferRequest) -> facade.InferResult:
         host = self.host
@@ -362,9 +363,16 @@ class AgentService:
         if request.deadline_monotonic() is not None:
             deadline_s = request.deadline_monotonic() - time.monotonic()
             if deadline_s <= 0:
-                raise facade.BadRequest(
-                    "the request's deadline passed before it was scheduled; allow more time",
-                    field="deadline_ms", value=round(request.deadline_s * 1000, 3),
+                # Reading the body, and tokenizing a long text, can use up a short budget before any hop.
+                spent_ms = (time.monotonic() - request.received_monotonic) * 1000
+                logger.info("rejected request for model %s version %s: its %.1f ms deadline passed before "
+                            "it was scheduled (%.1f ms after arrival, %.1f ms of it tokenizing)", request.model,
+                            version, request.deadline_s * 1000, spent_ms, tokenize_s * 1000)
+                raise facade.Unavailable(
+                    f"the deadline of {request.deadline_s * 1000:.1f} ms passed before the request was scheduled "
+                    f"({spent_ms:.1f} ms after it arrived, {tokenize_s * 1000:.1f} ms of it tokenizing); allow more "
+                    f"time in deadline_ms",
+                    reason="deadline_unreachable", field="deadline_ms", value=round(request.deadline_s * 1000, 3),
                     expected="a budget of at least a few milliseconds per segment")
             self._check_deadline_reachable(request, version, entry, deadline_s)
         started = time.monotonic()

@@ -14,6 +14,7 @@ import json
 import signal
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 from coordinator.placement import placement_from_stages
-from nodeagent.dataplane import DataPlane
+from nodeagent.dataplane import DataPlane, InferenceError
 from nodeagent.http_infer import decode_msgpack_response
 from nodeagent.localcluster import LOCAL_TIMING, ClusterError, LocalCluster
 from nodeagent.demo import SENTENCES
@@ -369,8 +370,19 @@ def test_deadline_far_below_estimate_rejected_at_once(three_way, inputs) -> None
     assert outcome.status == 503, outcome.error
     assert error["code"] == "deadline_unreachable", error
     assert error["field"] == "deadline_ms", error
-    assert "planner estimate" in error["message"], error
+    # Either the planner's estimate rules it out, or the 1 ms has passed by the time it is checked.
+    assert "planner estimate" in error["message"] or "passed before" in error["message"], error
     assert gateway_counters(cluster, 2)["requests"] == before["requests"]
+
+    # Tokenizing 1024 long texts takes more than 1 ms, so the deadline passes before scheduling:
+    # the same 503, not a 400 that would blame the body.
+    body = json.dumps({"text": [" ".join(SENTENCES)] * 1024, "deadline_ms": 1}).encode()
+    request = urllib.request.Request(infer_url(cluster, 2), data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=30)
+    assert raised.value.code == 503
+    assert json.loads(raised.value.read())["error"]["code"] == "deadline_unreachable"
 
 
 # ===================================================================== clusters that get damaged
@@ -652,6 +664,35 @@ async def test_dataplane_routes_around_suspected_replica() -> None:
     assert [hop[2] for hop in info["route"]] == ["c"]
     assert info["attempts"] == 1
     assert network["b"].dataplane.counters["hops_run"] == 0
+
+
+async def test_dataplane_fails_at_deadline_without_watchdog() -> None:
+    """A request fails at its own deadline, not at the watchdog's next tick (none runs here)."""
+    network, run = one_unit_network()
+
+    def slow_run(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        time.sleep(0.3)
+        return run(tensors)
+
+    key = ("toy", "v1", 0, 0)
+    workers = [SegmentWorker(f"toy@v1[0..0]-{node}", slow_run, max_wait_s=0.0) for node in ("b", "c")]
+    for node, worker in zip(("b", "c"), workers):
+        network[node].segments.loaded[key] = FakeSegment(key, worker, {2})
+    started = time.monotonic()
+    try:
+        with pytest.raises(InferenceError) as raised:
+            await asyncio.wait_for(network["a"].dataplane.infer("toy", "v1", {"x": torch.randn(2, 4)},
+                                                                deadline_s=0.05), 2.0)
+        elapsed = time.monotonic() - started
+    finally:
+        for worker in workers:
+            worker.close()
+        for host in network.values():
+            await host.dataplane.close()
+
+    assert raised.value.status == 504, raised.value
+    assert "passed its deadline waiting on agent b" in str(raised.value)
+    assert 0.05 <= elapsed < 0.2, elapsed
 
 
 def two_unit_network(stages: list) -> tuple[dict[str, FakeHost], Callable, Callable]:

@@ -376,9 +376,41 @@ class DataPlane:
                                      f"no progress from agent {request.waiting_on} for {self.hop_timeout_s * scale:.1f} s")
                 else:
                     request.last_event = now
+            self._move_off_suspects()
             for key, held in list(self._held.items()):
                 if held.expires <= now:
                     del self._held[key]
+
+    def _move_off_suspects(self) -> None:
+        """Resume requests that wait on a suspected agent, where a route without it exists.
+
+        Without this, such a request waits until the detector declares the agent dead
+        (dead_after_s) or the hop times out. A suspect that was only slow may still send its
+        result, and the gateway drops that late result as a duplicate. A request whose only route needs the suspect keeps
+        waiting on it.
+        """
+        suspects = self.host.suspected_agents()
+        if not suspects:
+            return
+        for request_id, state in list(self._requests.items()):
+            request = self.tracker.get(request_id)
+            if request is None or request.done or request.stalled_reason or request.waiting_on not in suspects:
+                continue
+            agent = request.waiting_on
+            if self._route_exists_without(request_id, state, agent):
+                self._hop_failed(request_id, agent, f"agent {agent} is suspected by the failure detector")
+
+    def _route_exists_without(self, request_id: str, state: GatewayRequest, agent: str) -> bool:
+        request = self.tracker.get(request_id)
+        placement = self.host.placement_for(request.model, request.version)
+        if placement is None:
+            return False
+        placement = self.host.ready_placement(placement)
+        usable = self._usable(state) - {agent}
+        point = self.tracker.resume_point(request_id, usable=usable, cuts=route_cuts(placement, state.route_units))
+        route = choose_route(placement, point.boundary, outstanding=self._outstanding, usable=usable,
+                             route_units=state.route_units, excluded_hops=state.excluded_hops)
+        return route is not None
 
     # ================================================================= hops
 

@@ -241,11 +241,17 @@ def _decode_inputs(data: dict[str, Any], is_msgpack: bool, limits: Limits, peer:
         try:
             return decode_tensors(raw, memoryview(bytearray(payload)), limits=limits, peer=peer)
         except ProtocolError as exc:
+            # The codec names entries as in a frame header ("tensors[2].nbytes"); in this body
+            # the same list is "inputs".
+            field = _protocol_error_field(exc, "inputs")
+            if (exc.field or "").startswith("tensors["):
+                field = "inputs" + exc.field[len("tensors"):]
             raise bad_request(
                 f"msgpack tensors are invalid: {exc.message}",
-                field=_protocol_error_field(exc, "inputs"),
+                field=field,
                 value=exc.value,
-                expected="metadata as written by protocol.tensors.encode_tensors",
+                expected="one {name, dtype, shape, nbytes} entry per tensor, and a payload with each tensor's "
+                         "bytes starting at a multiple of 64 bytes",
             ) from None
     if not isinstance(raw, dict) or not raw:
         raise bad_request(

@@ -284,7 +284,7 @@ BAD_INFER_CASES: list[tuple[str, str, Any, str, int, str]] = [
     ("msgpack_nbytes_mismatch", "double",
      msgpack.packb({"inputs": [{"name": "x", "dtype": "float32", "shape": [2, 4], "nbytes": 999}],
                     "payload": b"\x00" * 32}),
-     "application/msgpack", 400, "inputs"),
+     "application/msgpack", 400, "inputs[0]"),
     ("msgpack_payload_not_bin", "double",
      msgpack.packb({"inputs": encode_tensors({"x": torch.zeros(1, 4)})[0], "payload": "text"}),
      "application/msgpack", 400, "payload"),

@@ -348,7 +348,11 @@ class _Api:
         # aiohttp reports a missing Content-Type as application/octet-stream. A body without the
         # header is read as JSON, the common case of a hand-written request.
         content_type = request.content_type if "Content-Type" in request.headers else ""
-        data, is_msgpack = parse_body(body, content_type if body else JSON_TYPE)
+        if not body:
+            raise bad_request('the request body is empty; send {"text": [...]} or {"inputs": {...}} as JSON, '
+                              "or the msgpack form", field="body", value="<0 bytes>",
+                              expected="a JSON or msgpack inference body")
+        data, is_msgpack = parse_body(body, content_type)
         options = parse_options(data)
         spec = await self.facade.input_spec(name, options["version"])
         infer_request = build_request(

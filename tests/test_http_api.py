@@ -242,6 +242,7 @@ BAD_INFER_CASES: list[tuple[str, str, Any, str, int, str]] = [
     ("malformed_json", "double", b'{"inputs": {', "application/json", 400, "body"),
     ("json_not_object", "double", b"[1, 2]", "application/json", 400, "body"),
     ("malformed_msgpack", "double", b"\xc1\xff\x00", "application/msgpack", 400, "body"),
+    ("empty_msgpack", "double", b"", "application/msgpack", 400, "body"),
     ("msgpack_not_map", "double", msgpack.packb([1, 2]), "application/msgpack", 400, "body"),
     ("wrong_dtype", "double", {"inputs": {"x": tensor_to_json(torch.zeros(2, 4, dtype=torch.int64))}},
      "application/json", 422, "inputs.x.dtype"),

@@ -322,6 +322,11 @@ async def test_infer_malformed_msgpack_gives_reason(serve: Start, http: aiohttp.
         error = await error_of(r)
     assert "FormatError" in error["message"], error
     assert "msgpack.packb" in error["message"], error
+    async with http.post(f"{base}/v1/models/double/infer", data=b"",
+                         headers={"Content-Type": "application/msgpack"}) as r:
+        assert r.status == 400
+        error = await error_of(r)
+    assert "body is empty" in error["message"], error
 
 
 async def test_infer_unknown_model_lists_available(serve: Start, http: aiohttp.ClientSession) -> None:

@@ -241,11 +241,13 @@ def _decode_inputs(data: dict[str, Any], is_msgpack: bool, limits: Limits, peer:
         try:
             return decode_tensors(raw, memoryview(bytearray(payload)), limits=limits, peer=peer)
         except ProtocolError as exc:
-            # The codec names entries as in a frame header ("tensors[2].nbytes"); in this body
-            # the same list is "inputs".
+            # The codec names entries as in a frame header ("tensors[2].nbytes"). In this body the
+            # same list is "inputs", and "payload" is a top-level key, as in a frame.
             field = _protocol_error_field(exc, "inputs")
             if (exc.field or "").startswith("tensors["):
                 field = "inputs" + exc.field[len("tensors"):]
+            elif exc.field == "payload":
+                field = "payload"
             raise bad_request(
                 f"msgpack tensors are invalid: {exc.message}",
                 field=field,

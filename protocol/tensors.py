@@ -209,8 +209,9 @@ def decode_tensors(
         start = _align(position) if nbytes else position
         if start + nbytes > view.nbytes:
             raise ProtocolError(
-                f"tensor {name!r} needs bytes [{start}, {start + nbytes}) but the payload has {view.nbytes}",
-                field=f"{KEY_TENSORS}[{index}].nbytes",
+                f"tensor {name!r} needs bytes [{start}, {start + nbytes}) but the payload has {view.nbytes}; "
+                f"the payload is shorter than its entries say",
+                field="payload",
                 value=nbytes,
                 offset=offset + start,
                 peer=peer,
@@ -284,7 +285,8 @@ def _check_entry(
     expected = numel * dtype.itemsize
     nbytes = entry["nbytes"]
     if nbytes != expected or not isinstance(nbytes, int) or isinstance(nbytes, bool):
-        raise fail(f"nbytes does not match shape {shape} of {dtype} ({expected} bytes)", "nbytes", nbytes)
+        raise fail(f"tensor {name!r}: nbytes is {nbytes!r}, but shape {shape} of {entry['dtype']} takes {expected} bytes",
+                   "nbytes", nbytes)
     return name, dtype, tuple(shape), nbytes
 
 

@@ -327,6 +327,15 @@ async def test_infer_malformed_msgpack_gives_reason(serve: Start, http: aiohttp.
         assert r.status == 400
         error = await error_of(r)
     assert "body is empty" in error["message"], error
+    # A wrong nbytes names the tensor, its wire dtype and the right byte count.
+    body = msgpack.packb({"inputs": [{"name": "x", "dtype": "float32", "shape": [2, 4], "nbytes": 999}],
+                          "payload": b"\x00" * 32})
+    async with http.post(f"{base}/v1/models/double/infer", data=body,
+                         headers={"Content-Type": "application/msgpack"}) as r:
+        assert r.status == 400
+        error = await error_of(r)
+    assert "tensor 'x': nbytes is 999, but shape [2, 4] of float32 takes 32 bytes" in error["message"], error
+    assert error["field"] == "inputs[0].nbytes", error
 
 
 async def test_infer_unknown_model_lists_available(serve: Start, http: aiohttp.ClientSession) -> None:

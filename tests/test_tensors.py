@@ -145,7 +145,7 @@ def _entry(**change: object) -> dict:
         ([_entry(shape=[1] * 17)], 16, "tensors[0].shape", LimitExceeded),
         ([_entry(shape="2x2")], 16, "tensors[0].shape", ProtocolError),
         ([_entry(nbytes=15)], 16, "tensors[0].nbytes", ProtocolError),
-        ([_entry()], 12, "tensors[0].nbytes", ProtocolError),
+        ([_entry()], 12, "payload", ProtocolError),
         ([_entry()], 20, "payload_len", ProtocolError),
         ([_entry(), _entry()], 80, "tensors[1].name", ProtocolError),
         ([{"name": "x"}], 16, "tensors[0]", ProtocolError),

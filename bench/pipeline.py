@@ -159,7 +159,7 @@ def parallel_ceiling_items_per_s(processes: int = 2, rows: int = 8) -> float:
             children.append(child)
         for pipe in pipes:
             if not pipe.poll(120.0) or pipe.recv() != "ready":
-                raise RuntimeError("a whole-model process did not get ready within 120 s")
+                raise RuntimeError("a whole-model process did not load the model within 120 s; check its error above")
         sums = []
         for _ in range(BASELINE_ROUNDS):
             for pipe in pipes:

@@ -298,16 +298,17 @@ class Manifest:
                 raise ArtifactError(f"manifest.heads: expected {{task: [unit index]}} or null, got {heads!r:.200}")
             heads = {task: tuple(indices) for task, indices in heads.items()}
         try:
+            input_specs = _specs_from_json(obj.get("inputs"), "manifest.inputs")
             manifest = cls(
                 model=obj["model"],
                 version=obj["version"],
                 torch_version=obj["torch_version"],
-                input_specs=_specs_from_json(obj.get("inputs"), "manifest.inputs"),
+                input_specs=input_specs,
                 outputs=_names(obj.get("outputs"), "manifest.outputs"),
                 units=tuple(UnitEntry.from_json(u, f"manifest.units[{i}]") for i, u in enumerate(units)),
                 strategy=Strategy.from_json(obj.get("strategy")),
                 heads=heads,
-                equal_dims=_equal_dims_from_json(obj.get("equal_dims", []), _specs_from_json(obj.get("inputs"), "manifest.inputs")),
+                equal_dims=_equal_dims_from_json(obj.get("equal_dims", []), input_specs),
             )
             validate_graph(manifest)
             check_strategy(manifest, manifest.strategy)

@@ -29,7 +29,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -180,12 +180,8 @@ class DataPlane:
             return
         usable = self._usable(state)
         placement = self.host.ready_placement(placement)
-        if point.boundary:
-            cuts = route_cuts(placement, state.route_units)
-            point = self.tracker.resume_point(request_id, usable=usable, cuts=cuts)
-        route = choose_route(placement, point.boundary, outstanding=self._outstanding, usable=usable,
-                             route_units=state.route_units, excluded_hops=state.excluded_hops,
-                             turn=self._route_turn, avoid=self.host.suspected_agents())
+        point, route = self._plan_route(request_id, state, placement, point, usable,
+                                        turn=self._route_turn, avoid=self.host.suspected_agents())
         self._route_turn += 1
         if route is None:
             reason = self._no_route_reason(placement, state, point.boundary, usable)
@@ -386,8 +382,8 @@ class DataPlane:
 
         Without this, such a request waits until the detector declares the agent dead
         (dead_after_s) or the hop times out. A suspect that was only slow may still send its
-        result, and the gateway drops that late result as a duplicate. A request whose only route needs the suspect keeps
-        waiting on it.
+        result, and the gateway drops that late result as a duplicate. A request whose only route
+        needs the suspect keeps waiting on it.
         """
         suspects = self.host.suspected_agents()
         if not suspects:
@@ -397,20 +393,28 @@ class DataPlane:
             if request is None or request.done or request.stalled_reason or request.waiting_on not in suspects:
                 continue
             agent = request.waiting_on
-            if self._route_exists_without(request_id, state, agent):
+            if self._route_exists_without(request, state, agent):
                 self._hop_failed(request_id, agent, f"agent {agent} is suspected by the failure detector")
 
-    def _route_exists_without(self, request_id: str, state: GatewayRequest, agent: str) -> bool:
-        request = self.tracker.get(request_id)
+    def _route_exists_without(self, request: InflightRequest, state: GatewayRequest, agent: str) -> bool:
         placement = self.host.placement_for(request.model, request.version)
         if placement is None:
             return False
-        placement = self.host.ready_placement(placement)
         usable = self._usable(state) - {agent}
-        point = self.tracker.resume_point(request_id, usable=usable, cuts=route_cuts(placement, state.route_units))
-        route = choose_route(placement, point.boundary, outstanding=self._outstanding, usable=usable,
-                             route_units=state.route_units, excluded_hops=state.excluded_hops)
+        _, route = self._plan_route(request.request_id, state, self.host.ready_placement(placement),
+                                    ResumePoint(-1, GATEWAY_HOLDER), usable)
         return route is not None
+
+    def _plan_route(
+        self, request_id: str, state: GatewayRequest, placement: Placement, point: ResumePoint, usable: set[str],
+        *, turn: int = 0, avoid: Collection[str] = (),
+    ) -> tuple[ResumePoint, list[Hop] | None]:
+        """Return where the request resumes (boundary 0 stays 0) and a route from there over ``usable``."""
+        if point.boundary:
+            point = self.tracker.resume_point(request_id, usable=usable, cuts=route_cuts(placement, state.route_units))
+        route = choose_route(placement, point.boundary, outstanding=self._outstanding, usable=usable,
+                             route_units=state.route_units, excluded_hops=state.excluded_hops, turn=turn, avoid=avoid)
+        return point, route
 
     # ================================================================= hops
 

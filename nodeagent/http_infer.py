@@ -326,14 +326,12 @@ def check_against_spec(tensors: dict[str, torch.Tensor], spec: InputSpec) -> Non
                 expected=want_shape,
                 status=422,
             )
-    for name, tensor in tensors.items():
-        if 0 in tensor.shape:
-            dim = list(tensor.shape).index(0)
+        if 0 in got_shape:
             raise bad_request(
-                f"input {name!r} has shape {list(tensor.shape)}, with size 0 in dimension {dim}; every dimension "
-                f"needs at least 1 element (for text, at least one token)",
+                f"input {name!r} has shape {got_shape}, with size 0 in dimension {got_shape.index(0)}. Every "
+                f"dimension needs at least 1 element (for text, at least one token)",
                 field=f"inputs.{name}.shape",
-                value=list(tensor.shape),
+                value=got_shape,
                 expected="sizes of at least 1",
                 status=422,
             )

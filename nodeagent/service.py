@@ -130,7 +130,7 @@ class AgentService:
         elif node_id in membership.dead:
             state = "dead"
         elif membership.detector.state_of(node_id) is PeerState.SUSPECT:
-            # Silent past suspect_after_s: requests routed to it may wait until it is declared dead.
+            # Silent past suspect_after_s. Routes avoid it where another replica of its segment exists.
             state = "suspect"
         elif peer.is_member:
             state = "alive"

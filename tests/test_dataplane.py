@@ -359,7 +359,7 @@ def test_deadline_unreachable_explicit_error(three_way, inputs, deadline_ms: int
 
 
 @pytest.mark.slow
-def test_deadline_far_below_estimate_rejected_at_once(three_way, inputs) -> None:
+def test_deadline_below_estimate_rejected_early(three_way, inputs) -> None:
     # 1 ms is far below half the planner's latency estimate for MiniLM, so no hop runs at all.
     cluster, _ = three_way
     before = gateway_counters(cluster, 2)
@@ -374,8 +374,8 @@ def test_deadline_far_below_estimate_rejected_at_once(three_way, inputs) -> None
     assert "planner estimate" in error["message"] or "passed before" in error["message"], error
     assert gateway_counters(cluster, 2)["requests"] == before["requests"]
 
-    # Tokenizing 1024 long texts takes more than 1 ms, so the deadline passes before scheduling:
-    # the same 503, not a 400 that would blame the body.
+    # Tokenizing 1024 long texts takes more than 1 ms, so the deadline passes before scheduling.
+    # That gets the same 503, not a 400 that would blame the body.
     body = json.dumps({"text": [" ".join(SENTENCES)] * 1024, "deadline_ms": 1}).encode()
     request = urllib.request.Request(infer_url(cluster, 2), data=body,
                                      headers={"Content-Type": "application/json"}, method="POST")
@@ -466,7 +466,7 @@ def test_failover_sigstop_drains_to_replica(fresh_cluster, inputs, reference) ->
         return await send_requests(infer_url(cluster, gateway), inputs, 2000, concurrency=8, on_done=on_done,
                                    stop_submitting=enough)
 
-    # The gateway's status page, polled while traffic runs: (seconds after the stop, state, silent_s).
+    # The gateway's /v1/cluster view, polled while traffic runs: (seconds after the stop, state, silent_s).
     seen: list[tuple[float, str, float | None]] = []
     polling = threading.Event()
 
@@ -486,7 +486,7 @@ def test_failover_sigstop_drains_to_replica(fresh_cluster, inputs, reference) ->
         poller.join(10.0)
         cluster.signal_agent(cluster.index_of(target), signal.SIGCONT)
     failures, worst = check_outputs(outcomes, inputs, reference)
-    # The status page shows the stopped agent as suspect before it is declared dead.
+    # /v1/cluster shows the stopped agent as suspect before it is declared dead.
     states = [state for _, state, _ in seen]
     assert "suspect" in states, seen
     first_suspect = states.index("suspect")
@@ -501,8 +501,8 @@ def test_failover_sigstop_drains_to_replica(fresh_cluster, inputs, reference) ->
     drain_s = max((o.finished - stopped_at[0] for o in stuck), default=0.0)
     assert stuck, "no request was in flight at the stop"
     assert drain_s <= bound_s + 2.0, f"draining took {drain_s:.2f} s"
-    # They resume once the detector suspects the agent, before it could be declared dead
-    # (about 1.5 s here; about 2.4 s when requests waited for the dead declaration).
+    # They resume once the detector suspects the agent, before it could be declared dead. That
+    # took about 1.5 s here, against about 2.4 s when requests waited for the dead declaration.
     assert drain_s < LOCAL_TIMING["dead_after_s"], f"draining took {drain_s:.2f} s"
     # ... and requests sent once the detector suspects the stopped agent (suspect_after_s, plus a
     # heartbeat and a detector tick, plus slack) go to the other replica only.
@@ -699,7 +699,7 @@ async def test_dataplane_fails_at_deadline_without_watchdog() -> None:
     assert 0.045 <= elapsed < 0.2, elapsed
 
 
-async def test_dataplane_resumes_request_off_suspected_agent() -> None:
+async def test_dataplane_resumes_off_suspect() -> None:
     """A request waiting on an agent that becomes suspected resumes on another replica at once."""
     network, run = one_unit_network()
 
@@ -712,7 +712,7 @@ async def test_dataplane_resumes_request_off_suspected_agent() -> None:
                SegmentWorker("toy@v1[0..0]-c", run, max_wait_s=0.0)]
     for node, worker in zip(("b", "c"), workers):
         network[node].segments.loaded[key] = FakeSegment(key, worker, {2})
-    # b is listed first and takes the request; the detector suspects it 0.1 s later.
+    # b is listed first and takes the request. The detector suspects it 0.1 s later.
     asyncio.get_running_loop().call_later(0.1, network["a"].suspected.add, "b")
     x = torch.randn(2, 4)
     started = time.monotonic()
